@@ -1,0 +1,1 @@
+namespace FrugalLM.Planning; internal static class Placeholder {}

@@ -1,0 +1,1 @@
+namespace FrugalLM; internal static class Placeholder {}
