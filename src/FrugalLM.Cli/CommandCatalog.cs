@@ -1,0 +1,12 @@
+using System.CommandLine;
+
+namespace FrugalLM.Cli;
+
+/// <summary>The list of <c>frugal</c> subcommands; each comes from its own file under Commands/.</summary>
+internal static class CommandCatalog
+{
+    public static IEnumerable<Command> All()
+    {
+        yield break;
+    }
+}

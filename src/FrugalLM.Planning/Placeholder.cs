@@ -1,1 +1,0 @@
-namespace FrugalLM.Planning; internal static class Placeholder {}
