@@ -1,0 +1,284 @@
+using System.Globalization;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using FrugalLM.Models.Llama;
+using FrugalLM.Planning;
+using static TorchSharp.torch;
+
+namespace FrugalLM.IO;
+
+/// <summary>
+/// A Hugging Face model folder: <c>config.json</c>, optional <c>generation_config.json</c>, and weights in
+/// <c>model.safetensors</c> or shards listed by <c>model.safetensors.index.json</c>. Opening reads headers
+/// only; tensors are copied into the model one at a time in the dtype the model was created with.
+/// </summary>
+public sealed class HfCheckpoint : IDisposable
+{
+    /// <summary>Name of the single-file weights.</summary>
+    public const string SingleFile = "model.safetensors";
+
+    /// <summary>Name of the shard index.</summary>
+    public const string IndexFile = "model.safetensors.index.json";
+
+    // Keys that older transformers versions saved but that are derived, not learned.
+    private static readonly string[] IgnoredSuffixes = [".rotary_emb.inv_freq"];
+
+    private readonly List<SafeTensorsFile> files = [];
+    private readonly Dictionary<string, SafeTensorsFile> tensorFiles = new(StringComparer.Ordinal);
+
+    private HfCheckpoint(string folder, LlamaConfig config, GenerationConfig? generation)
+    {
+        Folder = folder;
+        Config = config;
+        Generation = generation;
+    }
+
+    /// <summary>The model folder.</summary>
+    public string Folder { get; }
+
+    /// <summary>The architecture from <c>config.json</c>.</summary>
+    public LlamaConfig Config { get; }
+
+    /// <summary>The folder's generation defaults, if it has any.</summary>
+    public GenerationConfig? Generation { get; }
+
+    /// <summary>Every tensor name in the checkpoint.</summary>
+    public IReadOnlyCollection<string> TensorNames => tensorFiles.Keys;
+
+    /// <summary>Opens a model folder: reads the configs and validates every weight file's header.</summary>
+    /// <exception cref="CheckpointFormatException">A file is missing, truncated or inconsistent.</exception>
+    /// <exception cref="ModelConfigException">config.json is missing, malformed or unsupported.</exception>
+    public static HfCheckpoint Open(string folder)
+    {
+        if (!Directory.Exists(folder))
+        {
+            throw new CheckpointFormatException(folder, "model folder not found");
+        }
+        var checkpoint = new HfCheckpoint(folder, LlamaConfig.Load(folder), GenerationConfig.Load(folder));
+        try
+        {
+            checkpoint.OpenWeights();
+            return checkpoint;
+        }
+        catch
+        {
+            checkpoint.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Opens <paramref name="folder"/> and loads it into a new model whose weights are <paramref name="dtype"/>.</summary>
+    public static LlamaForCausalLM LoadModel(string folder, ScalarType dtype = ScalarType.Float32)
+    {
+        using var checkpoint = Open(folder);
+        var model = new LlamaForCausalLM(checkpoint.Config, dtype);
+        try
+        {
+            checkpoint.LoadInto(model);
+            return model;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Materializes one tensor, converted to <paramref name="dtype"/> when given.</summary>
+    public Tensor Load(string name, ScalarType? dtype = null) =>
+        tensorFiles.TryGetValue(name, out var file)
+            ? file.Load(name, dtype)
+            : throw new CheckpointFormatException(Folder, $"tensor '{name}' is not in the checkpoint");
+
+    /// <summary>
+    /// Copies every parameter of <paramref name="model"/> from the checkpoint. Strict: a missing key, an
+    /// unexpected key or a shape mismatch is an error naming the file, the tensor and both shapes, raised
+    /// before any weight is written, so a failed load never leaves a half-loaded model.
+    /// </summary>
+    public void LoadInto(nn.Module model)
+    {
+        var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter, StringComparer.Ordinal);
+        var problems = new List<string>();
+        foreach (var (name, parameter) in parameters)
+        {
+            if (!tensorFiles.TryGetValue(name, out var file))
+            {
+                problems.Add($"missing tensor '{name}' (model expects {SafeTensors.ShapeText(parameter.shape)})");
+                continue;
+            }
+            var info = file.Get(name);
+            if (!info.Shape.SequenceEqual(parameter.shape))
+            {
+                problems.Add($"{Path.GetFileName(file.Path)}: tensor '{name}' has shape {info.ShapeText} but the model expects {SafeTensors.ShapeText(parameter.shape)}");
+            }
+        }
+        foreach (var name in tensorFiles.Keys.Where(n => !parameters.ContainsKey(n) && !Ignorable(n)).Order(StringComparer.Ordinal))
+        {
+            problems.Add($"{Path.GetFileName(tensorFiles[name].Path)}: unexpected tensor '{name}' (the model has no such parameter)");
+        }
+        if (problems.Count > 0)
+        {
+            var shown = string.Join("; ", problems.Take(8)) + (problems.Count > 8 ? $"; and {problems.Count - 8} more" : "");
+            throw new CheckpointFormatException(Folder, $"checkpoint does not match the model: {shown}");
+        }
+        using var noGrad = no_grad();
+        foreach (var (name, parameter) in parameters)
+        {
+            tensorFiles[name].CopyTo(name, parameter);
+        }
+    }
+
+    // A tied model's head is the embedding; some writers still store lm_head.weight. It is ignored when tied.
+    private bool Ignorable(string name) =>
+        IgnoredSuffixes.Any(s => name.EndsWith(s, StringComparison.Ordinal))
+        || (Config.TieWordEmbeddings && name == "lm_head.weight");
+
+    /// <summary>
+    /// Saves <paramref name="model"/> as an HF folder: config.json, generation_config.json (when given), and
+    /// safetensors weights in <paramref name="dtype"/> (default: the model's), split into shards of at most
+    /// <paramref name="maxShardBytes"/> with an index when larger. Each file is written atomically; weights
+    /// come first and config.json last, and weight files of an earlier save that the new one does not use
+    /// are removed at the end.
+    /// </summary>
+    public static void Save(LlamaForCausalLM model, string folder, ScalarType? dtype = null, GenerationConfig? generation = null, long maxShardBytes = 2L << 30)
+    {
+        Directory.CreateDirectory(folder);
+        var type = dtype ?? model.Dtype;
+        long elementSize = type switch
+        {
+            ScalarType.Float32 => 4,
+            ScalarType.Float16 or ScalarType.BFloat16 => 2,
+            _ => throw new ArgumentException($"weights can be saved as float32, float16 or bfloat16, not {type}", nameof(dtype)),
+        };
+        var parameters = model.named_parameters().ToList();
+        var shards = new List<List<(string Name, Tensor Tensor)>> { new() };
+        long shardBytes = 0, totalBytes = 0;
+        foreach (var (name, parameter) in parameters)
+        {
+            long bytes = parameter.numel() * elementSize;
+            if (shardBytes > 0 && shardBytes + bytes > maxShardBytes)
+            {
+                shards.Add([]);
+                shardBytes = 0;
+            }
+            shards[^1].Add((name, parameter));
+            shardBytes += bytes;
+            totalBytes += bytes;
+        }
+        var written = new List<string>();
+        var weightMap = new JsonObject();
+        for (int i = 0; i < shards.Count; i++)
+        {
+            var file = shards.Count == 1
+                ? SingleFile
+                : string.Create(CultureInfo.InvariantCulture, $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors");
+            SafeTensors.Write(Path.Combine(folder, file), shards[i], dtype: type);
+            written.Add(file);
+            foreach (var (name, _) in shards[i])
+            {
+                weightMap[name] = file;
+            }
+        }
+        var indented = new JsonSerializerOptions { WriteIndented = true };
+        var indexPath = Path.Combine(folder, IndexFile);
+        if (shards.Count > 1)
+        {
+            var index = new JsonObject { ["metadata"] = new JsonObject { ["total_size"] = totalBytes }, ["weight_map"] = weightMap };
+            AtomicFile.WriteText(indexPath, index.ToJsonString(indented) + "\n");
+            written.Add(IndexFile);
+        }
+        generation?.Save(folder);
+        var config = model.Config with { TorchDtype = DtypeName(type) };
+        AtomicFile.WriteText(Path.Combine(folder, "config.json"), config.ToJson().ToJsonString(indented) + "\n");
+        foreach (var stale in Directory.EnumerateFiles(folder, "model*.safetensors*"))
+        {
+            if (!written.Contains(Path.GetFileName(stale)))
+            {
+                File.Delete(stale);
+            }
+        }
+    }
+
+    /// <summary>The HF <c>torch_dtype</c> name of a dtype.</summary>
+    public static string DtypeName(ScalarType type) => type switch
+    {
+        ScalarType.Float32 => "float32",
+        ScalarType.Float16 => "float16",
+        ScalarType.BFloat16 => "bfloat16",
+        _ => type.ToString().ToLowerInvariant(),
+    };
+
+    /// <summary>The dtype for an HF <c>torch_dtype</c> name.</summary>
+    public static ScalarType ParseDtype(string name) => name switch
+    {
+        "float32" or "fp32" => ScalarType.Float32,
+        "float16" or "fp16" or "half" => ScalarType.Float16,
+        "bfloat16" or "bf16" => ScalarType.BFloat16,
+        _ => throw new ArgumentException($"unknown dtype '{name}' (use float32, float16 or bfloat16)", nameof(name)),
+    };
+
+    private void OpenWeights()
+    {
+        var indexPath = Path.Combine(Folder, IndexFile);
+        var singlePath = Path.Combine(Folder, SingleFile);
+        if (File.Exists(indexPath))
+        {
+            JsonObject weightMap;
+            try
+            {
+                weightMap = (JsonNode.Parse(File.ReadAllText(indexPath)) as JsonObject)?["weight_map"] as JsonObject
+                    ?? throw new CheckpointFormatException(indexPath, "no weight_map object");
+            }
+            catch (JsonException e)
+            {
+                throw new CheckpointFormatException(indexPath, $"not valid JSON ({e.Message})", e);
+            }
+            var opened = new Dictionary<string, SafeTensorsFile>(StringComparer.Ordinal);
+            foreach (var (name, node) in weightMap)
+            {
+                var fileName = node is JsonValue v && v.TryGetValue<string>(out var s) ? s
+                    : throw new CheckpointFormatException(indexPath, $"weight_map entry '{name}' is not a file name");
+                if (fileName.Contains('/') || fileName.Contains('\\'))
+                {
+                    throw new CheckpointFormatException(indexPath, $"weight_map entry '{name}' points outside the folder ({fileName})");
+                }
+                if (!opened.TryGetValue(fileName, out var file))
+                {
+                    file = SafeTensorsFile.Open(Path.Combine(Folder, fileName));
+                    files.Add(file);
+                    opened[fileName] = file;
+                }
+                if (!file.Tensors.ContainsKey(name))
+                {
+                    throw new CheckpointFormatException(file.Path, $"the index says tensor '{name}' is in this file, but it is not");
+                }
+                tensorFiles[name] = file;
+            }
+        }
+        else if (File.Exists(singlePath))
+        {
+            var file = SafeTensorsFile.Open(singlePath);
+            files.Add(file);
+            foreach (var name in file.Tensors.Keys)
+            {
+                tensorFiles[name] = file;
+            }
+        }
+        else
+        {
+            var other = Directory.EnumerateFiles(Folder, "*.bin").Concat(Directory.EnumerateFiles(Folder, "*.pt")).FirstOrDefault();
+            throw new CheckpointFormatException(Folder, other is null
+                ? $"no {SingleFile} or {IndexFile}"
+                : $"no safetensors weights (found {Path.GetFileName(other)}; FrugalLM reads safetensors only: convert with transformers' save_pretrained(safe_serialization=True))");
+        }
+    }
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        foreach (var file in files)
+        {
+            file.Dispose();
+        }
+    }
+}

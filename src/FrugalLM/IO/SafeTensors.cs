@@ -1,0 +1,416 @@
+using System.Buffers.Binary;
+using System.IO.MemoryMappedFiles;
+using System.Runtime.InteropServices;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using FrugalLM.Native;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FrugalLM.IO;
+
+/// <summary>One tensor's entry in a safetensors header.</summary>
+/// <param name="Name">The tensor's key.</param>
+/// <param name="Dtype">The safetensors dtype string (F32, BF16, ...).</param>
+/// <param name="Shape">The tensor's shape.</param>
+/// <param name="Begin">Start of its bytes, relative to the end of the header.</param>
+/// <param name="End">End (exclusive) of its bytes, relative to the end of the header.</param>
+public sealed record SafeTensorInfo(string Name, string Dtype, long[] Shape, long Begin, long End)
+{
+    /// <summary>Number of elements.</summary>
+    public long ElementCount => Shape.Aggregate(1L, (a, b) => a * b);
+
+    /// <summary>The shape as text, e.g. [64, 128].</summary>
+    public string ShapeText => SafeTensors.ShapeText(Shape);
+}
+
+/// <summary>
+/// Reads a <c>.safetensors</c> file lazily: opening it parses and validates the header only (the data stays
+/// memory-mapped, costing no resident memory); each tensor is materialized on request, in the dtype asked.
+/// Every header lie is caught at open time (truncation, offsets past the end, overlaps or holes,
+/// dtype/shape/byte-count mismatches, bad JSON) and reported with the file and tensor named.
+/// </summary>
+/// <remarks>
+/// Written by hand because TorchSharp.PyBridge loads eagerly and writes unpadded headers, and no .NET
+/// library maps the file lazily; the format is small (https://github.com/huggingface/safetensors).
+/// </remarks>
+public sealed unsafe class SafeTensorsFile : IDisposable
+{
+    /// <summary>Headers larger than this are refused, as in the reference implementation.</summary>
+    public const long MaxHeaderBytes = 100_000_000;
+
+    private readonly MemoryMappedFile? map;
+    private readonly MemoryMappedViewAccessor? view;
+    private readonly byte* basePointer;
+    private readonly long dataStart;
+    private readonly Dictionary<string, SafeTensorInfo> tensors;
+
+    private SafeTensorsFile(string path, Dictionary<string, SafeTensorInfo> tensors, IReadOnlyDictionary<string, string> metadata, long dataStart, long length)
+    {
+        Path = path;
+        this.tensors = tensors;
+        Metadata = metadata;
+        this.dataStart = dataStart;
+        if (length > dataStart)
+        {
+            map = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
+            view = map.CreateViewAccessor(0, length, MemoryMappedFileAccess.Read);
+            byte* pointer = null;
+            view.SafeMemoryMappedViewHandle.AcquirePointer(ref pointer);
+            basePointer = pointer + view.PointerOffset;
+        }
+    }
+
+    /// <summary>The file's path.</summary>
+    public string Path { get; }
+
+    /// <summary>The tensors, by name.</summary>
+    public IReadOnlyDictionary<string, SafeTensorInfo> Tensors => tensors;
+
+    /// <summary>The header's <c>__metadata__</c> strings.</summary>
+    public IReadOnlyDictionary<string, string> Metadata { get; }
+
+    /// <summary>Opens and validates a safetensors file.</summary>
+    /// <exception cref="CheckpointFormatException">The file is missing, truncated or its header is inconsistent.</exception>
+    public static SafeTensorsFile Open(string path)
+    {
+        if (!File.Exists(path))
+        {
+            throw new CheckpointFormatException(path, "file not found");
+        }
+        long length = new FileInfo(path).Length;
+        if (length < 8)
+        {
+            throw new CheckpointFormatException(path, $"truncated: {length} bytes, but a safetensors file starts with an 8-byte header length");
+        }
+        byte[] lengthBytes = new byte[8];
+        using (var stream = File.OpenRead(path))
+        {
+            stream.ReadExactly(lengthBytes);
+            ulong headerLength = BinaryPrimitives.ReadUInt64LittleEndian(lengthBytes);
+            if (headerLength > MaxHeaderBytes)
+            {
+                throw new CheckpointFormatException(path, $"header claims {headerLength} bytes (limit {MaxHeaderBytes}): not a safetensors file or corrupt");
+            }
+            if (8 + (long)headerLength > length)
+            {
+                throw new CheckpointFormatException(path, $"truncated: header claims {headerLength} bytes but the file has only {length - 8} after the length field");
+            }
+            var header = new byte[headerLength];
+            stream.ReadExactly(header);
+            long dataStart = 8 + (long)headerLength;
+            var (entries, metadata) = ParseHeader(path, header, length - dataStart);
+            return new SafeTensorsFile(path, entries, metadata, dataStart, length);
+        }
+    }
+
+    /// <summary>The entry for <paramref name="name"/>.</summary>
+    public SafeTensorInfo Get(string name) =>
+        tensors.TryGetValue(name, out var info) ? info : throw new CheckpointFormatException(Path, $"tensor '{name}' not found");
+
+    /// <summary>
+    /// Materializes a tensor in CPU memory, converted to <paramref name="dtype"/> when given. Peak memory is
+    /// the tensor in its stored dtype plus, when converting, the converted copy.
+    /// </summary>
+    public Tensor Load(string name, ScalarType? dtype = null)
+    {
+        var info = Get(name);
+        var stored = SafeTensors.ToScalarType(info.Dtype);
+        var tensor = empty(info.Shape, stored);
+        long bytes = info.End - info.Begin;
+        if (bytes > 0)
+        {
+            byte* source = basePointer + dataStart + info.Begin;
+            Buffer.MemoryCopy(source, TensorMemory.Pointer(tensor), bytes, bytes);
+            Release(source, bytes);
+        }
+        if (dtype is ScalarType target && target != stored)
+        {
+            var converted = tensor.to(target);
+            tensor.Dispose();
+            return converted;
+        }
+        return tensor;
+    }
+
+    /// <summary>
+    /// Copies a tensor into <paramref name="destination"/> (same shape, contiguous, CPU), converting the
+    /// dtype if needed; without conversion the bytes go straight from the file into the destination.
+    /// </summary>
+    public void CopyTo(string name, Tensor destination)
+    {
+        var info = Get(name);
+        if (!destination.shape.SequenceEqual(info.Shape))
+        {
+            throw new CheckpointFormatException(Path,
+                $"tensor '{name}' has shape {info.ShapeText} but the model expects {ShapeTextOf(destination)}");
+        }
+        if (SafeTensors.ToScalarType(info.Dtype) == destination.dtype && destination.is_contiguous())
+        {
+            long bytes = info.End - info.Begin;
+            if (bytes > 0)
+            {
+                byte* source = basePointer + dataStart + info.Begin;
+                Buffer.MemoryCopy(source, TensorMemory.Pointer(destination), bytes, bytes);
+                Release(source, bytes);
+            }
+            return;
+        }
+        using var loaded = Load(name);
+        using var noGrad = no_grad();
+        destination.copy_(loaded);
+    }
+
+    private static string ShapeTextOf(Tensor t) => SafeTensors.ShapeText(t.shape);
+
+    /// <summary>Releases the memory map.</summary>
+    public void Dispose()
+    {
+        if (view is not null)
+        {
+            view.SafeMemoryMappedViewHandle.ReleasePointer();
+            view.Dispose();
+        }
+        map?.Dispose();
+    }
+
+    // The copied pages would otherwise stay in this process's resident set (file-backed) until the map is
+    // closed; dropping them keeps "resident" meaning "what the model holds". The page cache keeps them.
+    private void Release(byte* start, long bytes)
+    {
+        if (!OperatingSystem.IsLinux())
+        {
+            return;
+        }
+        const long Page = 4096;
+        long first = ((long)start + Page - 1) & ~(Page - 1);
+        long last = ((long)start + bytes) & ~(Page - 1);
+        if (last > first)
+        {
+            _ = madvise((nint)first, (nuint)(last - first), 4 /* MADV_DONTNEED */);
+        }
+    }
+
+    [DllImport("libc")]
+    private static extern int madvise(nint address, nuint length, int advice);
+
+    private static (Dictionary<string, SafeTensorInfo>, IReadOnlyDictionary<string, string>) ParseHeader(string path, byte[] header, long dataLength)
+    {
+        JsonObject root;
+        try
+        {
+            root = JsonNode.Parse(header) as JsonObject ?? throw new CheckpointFormatException(path, "header is not a JSON object");
+        }
+        catch (JsonException e)
+        {
+            throw new CheckpointFormatException(path, $"header is not valid JSON ({e.Message})");
+        }
+        var metadata = new Dictionary<string, string>();
+        var entries = new Dictionary<string, SafeTensorInfo>();
+        foreach (var (name, node) in root)
+        {
+            if (name == "__metadata__")
+            {
+                if (node is JsonObject meta)
+                {
+                    foreach (var (k, v) in meta)
+                    {
+                        metadata[k] = v is JsonValue s && s.TryGetValue<string>(out var text)
+                            ? text
+                            : throw new CheckpointFormatException(path, $"__metadata__ value '{k}' is not a string");
+                    }
+                }
+                continue;
+            }
+            entries[name] = ParseEntry(path, name, node);
+        }
+        // The data section must be exactly the tensors, back to back (the reference reader's rule): any hole,
+        // overlap or trailing garbage means the header does not describe the file.
+        long expected = 0;
+        foreach (var info in entries.Values.OrderBy(e => e.Begin).ThenBy(e => e.End))
+        {
+            if (info.Begin != expected)
+            {
+                throw new CheckpointFormatException(path, info.Begin < expected
+                    ? $"tensor '{info.Name}' overlaps the previous tensor (data_offsets [{info.Begin}, {info.End}], previous ends at {expected})"
+                    : $"tensor '{info.Name}' starts at {info.Begin} but the previous tensor ends at {expected} (hole in data)");
+            }
+            if (info.End > dataLength)
+            {
+                throw new CheckpointFormatException(path,
+                    $"truncated: tensor '{info.Name}' {info.ShapeText} {info.Dtype} ends at byte {info.End} of the data, but the file holds only {dataLength} data bytes");
+            }
+            expected = info.End;
+        }
+        if (expected != dataLength)
+        {
+            throw new CheckpointFormatException(path, $"the header describes {expected} data bytes but the file holds {dataLength}");
+        }
+        return (entries, metadata);
+    }
+
+    private static SafeTensorInfo ParseEntry(string path, string name, JsonNode? node)
+    {
+        CheckpointFormatException Bad(string what) => new(path, $"tensor '{name}': {what}");
+        if (node is not JsonObject o)
+        {
+            throw Bad("header entry is not an object");
+        }
+        var dtype = o["dtype"] is JsonValue d && d.TryGetValue<string>(out var text) ? text : throw Bad("missing dtype");
+        int elementSize = SafeTensors.ElementSize(dtype) ?? throw Bad($"unsupported dtype '{dtype}'");
+        if (o["shape"] is not JsonArray shapeArray)
+        {
+            throw Bad("missing shape");
+        }
+        var shape = new long[shapeArray.Count];
+        for (int i = 0; i < shape.Length; i++)
+        {
+            if (shapeArray[i] is not JsonValue v || !v.TryGetValue<long>(out shape[i]) || shape[i] < 0)
+            {
+                throw Bad($"shape {shapeArray.ToJsonString()} is not a list of non-negative integers");
+            }
+        }
+        if (o["data_offsets"] is not JsonArray offsets || offsets.Count != 2
+            || offsets[0] is not JsonValue b || !b.TryGetValue<long>(out long begin)
+            || offsets[1] is not JsonValue e || !e.TryGetValue<long>(out long end)
+            || begin < 0 || end < begin)
+        {
+            throw Bad("data_offsets must be [begin, end] with 0 <= begin <= end");
+        }
+        var info = new SafeTensorInfo(name, dtype, shape, begin, end);
+        long count;
+        try
+        {
+            count = checked(info.ElementCount * elementSize);
+        }
+        catch (OverflowException)
+        {
+            throw Bad($"shape {info.ShapeText} is too large");
+        }
+        if (count != end - begin)
+        {
+            throw Bad($"{dtype} {info.ShapeText} needs {count} bytes but data_offsets span {end - begin}");
+        }
+        return info;
+    }
+}
+
+/// <summary>Safetensors dtype names, sizes and writing.</summary>
+public static unsafe class SafeTensors
+{
+    /// <summary>Byte size of a safetensors dtype, or null when unsupported.</summary>
+    public static int? ElementSize(string dtype) => dtype switch
+    {
+        "F64" or "I64" or "U64" => 8,
+        "F32" or "I32" or "U32" => 4,
+        "F16" or "BF16" or "I16" or "U16" => 2,
+        "I8" or "U8" or "BOOL" => 1,
+        _ => null,
+    };
+
+    /// <summary>The TorchSharp dtype for a safetensors dtype.</summary>
+    public static ScalarType ToScalarType(string dtype) => dtype switch
+    {
+        "F64" => ScalarType.Float64,
+        "F32" => ScalarType.Float32,
+        "F16" => ScalarType.Float16,
+        "BF16" => ScalarType.BFloat16,
+        "I64" => ScalarType.Int64,
+        "I32" => ScalarType.Int32,
+        "I16" => ScalarType.Int16,
+        "I8" => ScalarType.Int8,
+        "U8" => ScalarType.Byte,
+        "BOOL" => ScalarType.Bool,
+        _ => throw new NotSupportedException($"safetensors dtype '{dtype}' has no TorchSharp equivalent"),
+    };
+
+    /// <summary>The safetensors dtype for a TorchSharp dtype.</summary>
+    public static string FromScalarType(ScalarType type) => type switch
+    {
+        ScalarType.Float64 => "F64",
+        ScalarType.Float32 => "F32",
+        ScalarType.Float16 => "F16",
+        ScalarType.BFloat16 => "BF16",
+        ScalarType.Int64 => "I64",
+        ScalarType.Int32 => "I32",
+        ScalarType.Int16 => "I16",
+        ScalarType.Int8 => "I8",
+        ScalarType.Byte => "U8",
+        ScalarType.Bool => "BOOL",
+        _ => throw new NotSupportedException($"dtype {type} cannot be stored in safetensors"),
+    };
+
+    /// <summary>A shape as text, e.g. [64, 128].</summary>
+    public static string ShapeText(IEnumerable<long> shape) => "[" + string.Join(", ", shape) + "]";
+
+    /// <summary>
+    /// Writes tensors to <paramref name="path"/> atomically, HF-readable: the header is padded with spaces to
+    /// a multiple of 8 bytes, carries <c>{"format": "pt"}</c> metadata (transformers requires it), and
+    /// tensors are ordered by element size (largest first), then name, so every tensor is aligned to its
+    /// element size. Tensors are copied out (and converted to <paramref name="dtype"/>, when given) one at a
+    /// time; nothing is gathered in memory.
+    /// </summary>
+    public static void Write(string path, IReadOnlyList<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string>? metadata = null, ScalarType? dtype = null)
+    {
+        ScalarType TypeOf(Tensor t) => dtype ?? t.dtype;
+        long SizeOf(Tensor t) => ElementSize(FromScalarType(TypeOf(t)))!.Value;
+        var names = new HashSet<string>();
+        foreach (var (name, _) in tensors)
+        {
+            if (!names.Add(name))
+            {
+                throw new ArgumentException($"duplicate tensor name '{name}'", nameof(tensors));
+            }
+        }
+        var ordered = tensors
+            .OrderByDescending(t => SizeOf(t.Tensor))
+            .ThenBy(t => t.Name, StringComparer.Ordinal)
+            .ToList();
+        var header = new JsonObject();
+        var meta = new JsonObject { ["format"] = "pt" };
+        foreach (var (k, v) in metadata ?? new Dictionary<string, string>())
+        {
+            meta[k] = v;
+        }
+        header["__metadata__"] = meta;
+        long offset = 0;
+        foreach (var (name, tensor) in ordered)
+        {
+            long bytes = tensor.numel() * SizeOf(tensor);
+            header[name] = new JsonObject
+            {
+                ["dtype"] = FromScalarType(TypeOf(tensor)),
+                ["shape"] = new JsonArray(tensor.shape.Select(s => (JsonNode?)s).ToArray()),
+                ["data_offsets"] = new JsonArray(offset, offset + bytes),
+            };
+            offset += bytes;
+        }
+        var json = Encoding.UTF8.GetBytes(header.ToJsonString());
+        int padded = (json.Length + 7) / 8 * 8;
+        var headerBytes = new byte[padded];
+        json.CopyTo(headerBytes, 0);
+        headerBytes.AsSpan(json.Length).Fill((byte)' ');
+        AtomicFile.Write(path, stream =>
+        {
+            Span<byte> lengthField = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64LittleEndian(lengthField, (ulong)padded);
+            stream.Write(lengthField);
+            stream.Write(headerBytes);
+            foreach (var (_, tensor) in ordered)
+            {
+                using var scope = NewDisposeScope();
+                var cpu = tensor.detach().cpu().to(TypeOf(tensor)).contiguous();
+                byte* pointer = TensorMemory.Pointer(cpu);
+                long remaining = cpu.numel() * cpu.element_size();
+                while (remaining > 0)
+                {
+                    int chunk = (int)Math.Min(remaining, 1 << 26);
+                    stream.Write(new ReadOnlySpan<byte>(pointer, chunk));
+                    pointer += chunk;
+                    remaining -= chunk;
+                }
+            }
+        });
+    }
+}

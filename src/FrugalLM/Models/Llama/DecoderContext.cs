@@ -1,0 +1,25 @@
+using static TorchSharp.torch;
+
+namespace FrugalLM.Models.Llama;
+
+/// <summary>What every decoder layer of one forward pass shares: rotary tables, the cache, the mask.</summary>
+public sealed class DecoderContext
+{
+    /// <summary>Rotary cos table [T, head_dim] in the compute dtype.</summary>
+    public required Tensor Cos { get; init; }
+
+    /// <summary>Rotary sin table [T, head_dim] in the compute dtype.</summary>
+    public required Tensor Sin { get; init; }
+
+    /// <summary>The KV cache, when decoding incrementally.</summary>
+    public KvCache? Cache { get; init; }
+
+    /// <summary>
+    /// Boolean mask [T, past + T] (true = may attend), or null when plain causal attention over
+    /// <see cref="PastLength"/> + T positions is meant.
+    /// </summary>
+    public Tensor? AttentionMask { get; init; }
+
+    /// <summary>Positions before this pass's tokens (the cache's length).</summary>
+    public long PastLength { get; init; }
+}

@@ -1,1 +1,0 @@
-namespace FrugalLM; internal static class Placeholder {}
