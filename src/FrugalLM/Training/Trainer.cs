@@ -4,6 +4,7 @@ using FrugalLM.IO;
 using FrugalLM.Models.Llama;
 using FrugalLM.Native;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace FrugalLM.Training;
@@ -37,6 +38,9 @@ public sealed record TrainOptions
 
     /// <summary>AdamW beta2.</summary>
     public double Beta2 { get; init; } = 0.95;
+
+    /// <summary>AdamW epsilon.</summary>
+    public double Eps { get; init; } = 1e-8;
 
     /// <summary>Clip the global gradient norm to this; 0 disables clipping.</summary>
     public double GradClip { get; init; } = 1.0;
@@ -116,7 +120,7 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
     {
         options.Validate();
         var parameters = model.named_parameters().Select(p => (p.name, (Tensor)p.parameter)).ToList();
-        using var optimizer = new AdamW(AdamW.DecayGroups(parameters, options.WeightDecay), options.LearningRate, options.Beta1, options.Beta2);
+        using var optimizer = new AdamW(AdamW.DecayGroups(parameters, options.WeightDecay), options.LearningRate, options.Beta1, options.Beta2, options.Eps);
         var schedule = new CosineSchedule(
             options.LearningRate,
             options.MinLearningRate ?? options.LearningRate / 10,
@@ -140,22 +144,7 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
             trainClock.Start();
             lr = schedule.At(step);
             optimizer.LearningRate = lr;
-            double stepLoss = 0;
-            using (NewDisposeScope())
-            {
-                optimizer.ZeroGrad();
-                for (int micro = 0; micro < options.GradientAccumulation; micro++)
-                {
-                    batches.MoveNext();
-                    var loss = Loss(batches.Current, options.MicroBatch);
-                    (loss / options.GradientAccumulation).backward();
-                    stepLoss += loss.item<float>() / options.GradientAccumulation;
-                }
-                gradNorm = options.GradClip > 0
-                    ? nn.utils.clip_grad_norm_(trainable, options.GradClip)
-                    : TotalNorm(trainable);
-                optimizer.Step();
-            }
+            (double stepLoss, gradNorm) = Step(optimizer, trainable, MicroBatches(batches));
             trainClock.Stop();
             long tokens = (long)options.MicroBatch * corpus.Sequence * options.GradientAccumulation;
             intervalTokens += tokens;
@@ -189,6 +178,36 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
             }
         }
         return new TrainResult(options.Steps, lastLoss, evalLoss, totalTokens / Math.Max(1e-9, trainClock.Elapsed.TotalSeconds), MemoryProbe.PeakBytes, clock.Elapsed);
+    }
+
+    /// <summary>
+    /// One optimizer step: zero the gradients, backward through each micro-batch with its loss divided by
+    /// their count, clip the global gradient norm, update. Returns the mean loss and the norm before clipping.
+    /// </summary>
+    public (double Loss, double GradNorm) Step(AdamW optimizer, IReadOnlyList<Parameter> trainable, IEnumerable<long[]> microBatches)
+    {
+        using var scope = NewDisposeScope();
+        var batches = microBatches.ToList();
+        optimizer.ZeroGrad();
+        double loss = 0;
+        foreach (var batch in batches)
+        {
+            var micro = Loss(batch, options.MicroBatch);
+            (micro / batches.Count).backward();
+            loss += micro.item<float>() / batches.Count;
+        }
+        double norm = options.GradClip > 0 ? nn.utils.clip_grad_norm_(trainable, options.GradClip) : TotalNorm(trainable);
+        optimizer.Step();
+        return (loss, norm);
+    }
+
+    private IEnumerable<long[]> MicroBatches(IEnumerator<long[]> batches)
+    {
+        for (int i = 0; i < options.GradientAccumulation; i++)
+        {
+            batches.MoveNext();
+            yield return batches.Current;
+        }
     }
 
     /// <summary>Mean next-token loss over held-out blocks (at most <paramref name="maxBatches"/> batches; 0 = all).</summary>

@@ -8,7 +8,7 @@ namespace FrugalLM.Inference;
 /// Autoregressive decoding with a KV cache: one forward pass over the prompt, then one single-token pass per
 /// new token. Only the last position's logits are computed, so the head costs one row per step.
 /// </summary>
-public sealed class Generator(LlamaForCausalLM model)
+public sealed class TokenGenerator(LlamaForCausalLM model)
 {
     /// <summary>
     /// Yields new token ids one at a time (lazily, so callers can stream), stopping at a stop token (not
