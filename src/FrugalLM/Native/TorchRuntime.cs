@@ -29,7 +29,8 @@ public static class TorchRuntime
                 // Without this, glibc serves large blocks from its heap and keeps them resident after
                 // libtorch frees them, so a process's footprint only ever grows (measured: 506 -> 867 MiB
                 // over 60 steps). Allocations of 1 MiB and more become private mmaps, unmapped on free.
-                if (OperatingSystem.IsLinux())
+                // An explicit MALLOC_MMAP_THRESHOLD_ from the user wins (glibc has already applied it).
+                if (OperatingSystem.IsLinux() && Environment.GetEnvironmentVariable("MALLOC_MMAP_THRESHOLD_") is null)
                 {
                     _ = mallopt(MallocMmapThreshold, MmapThresholdBytes);
                 }

@@ -150,7 +150,9 @@ public sealed class AdamW : IDisposable
     {
         if (!state.TryGetValue(parameter, out var s))
         {
-            s = (zeros_like(parameter, dtype: ScalarType.Float32), zeros_like(parameter, dtype: ScalarType.Float32));
+            // Moments outlive the step's dispose scope that first touches them.
+            s = (zeros_like(parameter, dtype: ScalarType.Float32).DetachFromDisposeScope(),
+                 zeros_like(parameter, dtype: ScalarType.Float32).DetachFromDisposeScope());
             state[parameter] = s;
         }
         return s;

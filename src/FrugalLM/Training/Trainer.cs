@@ -1,6 +1,4 @@
 using System.Diagnostics;
-using System.Text.Json;
-using FrugalLM.IO;
 using FrugalLM.Models.Llama;
 using FrugalLM.Native;
 using TorchSharp;
@@ -54,14 +52,11 @@ public sealed record TrainOptions
     /// <summary>Report progress every this many steps.</summary>
     public int LogEvery { get; init; } = 10;
 
-    /// <summary>Save the model every this many steps (and at the end); 0 only at the end.</summary>
+    /// <summary>Call the save callback every this many steps (and at the end); 0 only at the end.</summary>
     public int SaveEvery { get; init; }
 
     /// <summary>Seed of the data order.</summary>
     public int Seed { get; init; }
-
-    /// <summary>Folder the model is saved to (HF layout) with <c>train_log.jsonl</c>; null saves nothing.</summary>
-    public string? OutputFolder { get; init; }
 
     /// <summary>Checks the values; throws <see cref="ArgumentException"/> naming the bad one.</summary>
     public void Validate()
@@ -110,13 +105,14 @@ public sealed record TrainResult(int Steps, double FinalLoss, double EvalLoss, d
 
 /// <summary>
 /// The training loop: next-token cross-entropy on packed blocks, AdamW with decay groups, warm-up + cosine
-/// schedule, gradient accumulation and clipping, held-out evaluation, periodic atomic saves. Each step runs
-/// in its own dispose scope so native memory stays flat.
+/// schedule, gradient accumulation and clipping, held-out evaluation, and a save callback every
+/// <see cref="TrainOptions.SaveEvery"/> steps and at the end. Each step runs in its own dispose scope so
+/// native memory stays flat.
 /// </summary>
 public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOptions options)
 {
-    /// <summary>Runs the configured steps.</summary>
-    public TrainResult Run(Action<TrainProgress>? report = null, CancellationToken cancel = default)
+    /// <summary>Runs the configured steps; <paramref name="save"/> receives the number of steps done.</summary>
+    public TrainResult Run(Action<TrainProgress>? report = null, Action<int>? save = null, CancellationToken cancel = default)
     {
         options.Validate();
         var parameters = model.named_parameters().Select(p => (p.name, (Tensor)p.parameter)).ToList();
@@ -127,7 +123,6 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
             options.WarmupSteps ?? Math.Max(1, options.Steps / 20),
             options.Steps);
         var trainable = model.parameters().Where(p => p.requires_grad).ToList();
-        using var log = options.OutputFolder is string folder ? OpenLog(folder) : null;
         model.train();
         MemoryProbe.ResetPeak();
         var clock = Stopwatch.StartNew();
@@ -165,16 +160,14 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
                     intervalTokens / Math.Max(1e-9, intervalClock.Elapsed.TotalSeconds),
                     MemoryProbe.CurrentBytes, MemoryProbe.PeakBytes, evaluate ? evalLoss : null, clock.Elapsed);
                 report?.Invoke(progress);
-                log?.WriteLine(JsonSerializer.Serialize(progress));
-                log?.Flush();
                 intervalLoss = 0;
                 intervalSteps = 0;
                 intervalTokens = 0;
                 intervalClock.Restart();
             }
-            if (options.OutputFolder is string output && (done == options.Steps || (options.SaveEvery > 0 && done % options.SaveEvery == 0)))
+            if (save is not null && (done == options.Steps || (options.SaveEvery > 0 && done % options.SaveEvery == 0)))
             {
-                HfCheckpoint.Save(model, output);
+                save(done);
             }
         }
         return new TrainResult(options.Steps, lastLoss, evalLoss, totalTokens / Math.Max(1e-9, trainClock.Elapsed.TotalSeconds), MemoryProbe.PeakBytes, clock.Elapsed);
@@ -266,11 +259,5 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
             }
         }
         return Math.Sqrt(sum);
-    }
-
-    private static StreamWriter OpenLog(string folder)
-    {
-        Directory.CreateDirectory(folder);
-        return new StreamWriter(Path.Combine(folder, "train_log.jsonl"), append: false);
     }
 }
