@@ -1,3 +1,4 @@
+using FrugalLM.IO;
 using System.IO.Compression;
 using System.Reflection;
 using System.Text;
@@ -37,11 +38,11 @@ public static class Gpt2TokenizerFiles
         ArgumentException.ThrowIfNullOrEmpty(dir);
         var (vocab, merges, special) = Build();
         Directory.CreateDirectory(dir);
-        AtomicFileWriter.Write(Path.Combine(dir, "tokenizer.json"), s => WriteTokenizerJson(s, vocab, merges, special));
-        AtomicFileWriter.Write(Path.Combine(dir, "vocab.json"), s => WriteVocabJson(s, vocab));
-        AtomicFileWriter.Write(Path.Combine(dir, "merges.txt"), s => WriteMergesTxt(s, merges));
-        AtomicFileWriter.Write(Path.Combine(dir, "tokenizer_config.json"), s => WriteTokenizerConfig(s, special));
-        AtomicFileWriter.Write(Path.Combine(dir, "special_tokens_map.json"), WriteSpecialTokensMap);
+        AtomicFile.Write(Path.Combine(dir, "tokenizer.json"), s => WriteTokenizerJson(s, vocab, merges, special));
+        AtomicFile.Write(Path.Combine(dir, "vocab.json"), s => WriteVocabJson(s, vocab));
+        AtomicFile.Write(Path.Combine(dir, "merges.txt"), s => WriteMergesTxt(s, merges));
+        AtomicFile.Write(Path.Combine(dir, "tokenizer_config.json"), s => WriteTokenizerConfig(s, special));
+        AtomicFile.Write(Path.Combine(dir, "special_tokens_map.json"), WriteSpecialTokensMap);
     }
 
     /// <summary>
