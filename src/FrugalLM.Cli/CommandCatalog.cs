@@ -1,4 +1,5 @@
 using System.CommandLine;
+using FrugalLM.Cli.Commands;
 
 namespace FrugalLM.Cli;
 
@@ -7,6 +8,7 @@ internal static class CommandCatalog
 {
     public static IEnumerable<Command> All()
     {
-        yield break;
+        yield return EstimateCommand.Create();
+        yield return PlanCommand.Create();
     }
 }
