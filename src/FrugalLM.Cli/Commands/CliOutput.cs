@@ -7,17 +7,18 @@ using Spectre.Console;
 
 namespace FrugalLM.Cli.Commands;
 
-/// <summary>Exit codes shared by the commands (see Program.cs).</summary>
-internal static class ExitCodes
-{
-    public const int Ok = 0;
-    public const int BadInput = 2;
-    public const int DoesNotFit = 3;
-}
-
 /// <summary>Console, JSON and error output for commands, written to the invocation's writers.</summary>
 internal static class CliOutput
 {
+    /// <summary>Exit code: success.</summary>
+    public const int ExitOk = 0;
+
+    /// <summary>Exit code: bad usage or bad input.</summary>
+    public const int ExitBadInput = 2;
+
+    /// <summary>Exit code: the plan does not fit its budget.</summary>
+    public const int ExitDoesNotFit = 3;
+
     private static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
     /// <summary>
@@ -54,7 +55,7 @@ internal static class CliOutput
         catch (Exception e) when (e is PlanException or ModelConfigException)
         {
             result.InvocationConfiguration.Error.WriteLine($"error: {e.Message}");
-            return ExitCodes.BadInput;
+            return ExitBadInput;
         }
     }
 

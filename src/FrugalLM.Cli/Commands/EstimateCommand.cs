@@ -42,7 +42,7 @@ internal static class EstimateCommand
                     ParseCount(result.GetValue(parameters)), asJson),
                 _ => throw new PlanException($"unknown method '{methodName}' (expected detailed or seed)"),
             };
-            return exceeds && result.GetValue(failIfOver) ? ExitCodes.DoesNotFit : ExitCodes.Ok;
+            return exceeds && result.GetValue(failIfOver) ? CliOutput.ExitDoesNotFit : CliOutput.ExitOk;
         }));
         return command;
     }

@@ -78,7 +78,7 @@ internal static class PlanCommand
             {
                 Render(CliOutput.Console(result), answer, shown);
             }
-            return answer.Fitting.Count > 0 ? ExitCodes.Ok : ExitCodes.DoesNotFit;
+            return answer.Fitting.Count > 0 ? CliOutput.ExitOk : CliOutput.ExitDoesNotFit;
         }));
         return command;
     }
