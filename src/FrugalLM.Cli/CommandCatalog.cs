@@ -9,5 +9,7 @@ internal static class CommandCatalog
     {
         yield return Commands.GenerateCommand.Create();
         yield return Commands.TrainCommand.Create();
+        yield return Commands.EstimateCommand.Create();
+        yield return Commands.PlanCommand.Create();
     }
 }

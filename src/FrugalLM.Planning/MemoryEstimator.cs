@@ -1,0 +1,358 @@
+using System.Globalization;
+
+namespace FrugalLM.Planning;
+
+/// <summary>
+/// FrugalLM's detailed memory estimator: every parameter tensor, gradient, optimizer state, activation, the loss,
+/// the KV cache and the framework's own memory, each placed on a tier and given the phases of a step in which it is
+/// alive. The device peak is the largest phase total. docs/estimator.md derives each component.
+/// </summary>
+public static class MemoryEstimator
+{
+    /// <summary>The largest micro-batch <see cref="MaxMicroBatch"/> searches up to.</summary>
+    public const int MaxBatchSearchLimit = 1 << 20;
+
+    private const int EmbeddingUnit = -1;
+    private const int HeadUnit = -2;
+
+    /// <summary>Estimates the memory of one plan.</summary>
+    /// <exception cref="PlanException">The plan is invalid.</exception>
+    public static MemoryEstimate Estimate(RunPlan plan)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        var warnings = plan.Validate();
+        var tensors = Account(plan);
+        var components = plan.Trains ? TrainingComponents(plan, tensors) : GenerationComponents(plan, tensors);
+        components.AddRange(Overhead(plan));
+        return new MemoryEstimate(plan, components.Where(c => c.Bytes > 0).ToArray(), warnings, tensors.TrainableCount);
+    }
+
+    /// <summary>
+    /// The largest micro-batch whose device peak fits <paramref name="deviceBudgetBytes"/>; 0 when even one
+    /// sequence (or the part that does not depend on the batch) does not fit. The search stops at
+    /// <see cref="MaxBatchSearchLimit"/>.
+    /// </summary>
+    public static int MaxMicroBatch(RunPlan plan, long deviceBudgetBytes)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        bool Fits(int batch)
+        {
+            try
+            {
+                return Estimate(plan with { MicroBatchSize = batch }).DeviceBytes <= deviceBudgetBytes;
+            }
+            catch (OverflowException)
+            {
+                return false;
+            }
+        }
+        if (!Fits(1))
+        {
+            return 0;
+        }
+        // Every batch-dependent term grows with the batch, so the device peak is monotone: double, then bisect.
+        int fits = 1, fails = 2;
+        while (fails <= MaxBatchSearchLimit && Fits(fails))
+        {
+            fits = fails;
+            fails *= 2;
+        }
+        if (fails > MaxBatchSearchLimit)
+        {
+            return fits;
+        }
+        while (fails - fits > 1)
+        {
+            int mid = fits + (fails - fits) / 2;
+            if (Fits(mid))
+            {
+                fits = mid;
+            }
+            else
+            {
+                fails = mid;
+            }
+        }
+        return fits;
+    }
+
+    /// <summary>Bytes per parameter of optimizer state for one tensor of <paramref name="count"/> elements.</summary>
+    public static long OptimizerStateBytes(RunPlan plan, long count)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        int s = plan.OptimizerStateBytes;
+        return plan.Optimizer switch
+        {
+            OptimizerKind.AdamW => 2 * s * count,
+            OptimizerKind.AdamW8bit when count < AdamW8bitLayout.MinTensorSize => 2 * 4 * count,
+            OptimizerKind.AdamW8bit => 2 * (count + 4 * ((count + AdamW8bitLayout.BlockSize - 1) / AdamW8bitLayout.BlockSize)),
+            OptimizerKind.SgdMomentum => s * count,
+            _ => 0,
+        };
+    }
+
+    /// <summary>Every tensor of the plan: the model's, then LoRA's A and B for each target of each layer.</summary>
+    public static IEnumerable<ParameterTensor> Tensors(RunPlan plan)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        foreach (var t in plan.Model.Tensors())
+        {
+            yield return t;
+        }
+        if (plan.Lora is not { } lora)
+        {
+            yield break;
+        }
+        var targets = plan.LoraTargets;
+        for (int layer = 0; layer < plan.Model.NumHiddenLayers; layer++)
+        {
+            foreach (var linear in plan.Model.LayerLinears.Where(l => targets.Contains(l.Name)))
+            {
+                yield return new($"layers.{layer}.{linear.Name}.lora_A", (long)lora.Rank * linear.InFeatures,
+                    TensorRole.LoraA, layer, linear.Name, lora.Rank);
+                yield return new($"layers.{layer}.{linear.Name}.lora_B", (long)linear.OutFeatures * lora.Rank,
+                    TensorRole.LoraB, layer, linear.Name, linear.OutFeatures);
+            }
+        }
+    }
+
+    private sealed class Unit
+    {
+        public long Weights;
+        public long Gradients;
+        public long Masters;
+        public long States;
+        public long Trainable;
+    }
+
+    private sealed class TensorAccount
+    {
+        public readonly Dictionary<int, Unit> Units = [];
+        public long TrainableCount;
+        public long LargestTrainable;
+        public long LargestTrainableOptimizerBytes;
+        public bool Tied;
+
+        public Unit this[int key] => Units.TryGetValue(key, out var u) ? u : Units[key] = new Unit();
+
+        public long Sum(Func<Unit, long> f) => Units.Values.Sum(f);
+
+        public long Sharded(Func<Unit, long> f, int ranks) => Units.Values.Sum(u => (f(u) + ranks - 1) / ranks);
+
+        public long Largest(Func<Unit, long> f) => Units.Values.Max(f);
+
+        public long LargestLayer(Func<Unit, long> f) => Units.Where(kv => kv.Key >= 0).Max(kv => f(kv.Value));
+    }
+
+    private static TensorAccount Account(RunPlan plan)
+    {
+        var account = new TensorAccount { Tied = plan.Model.TieWordEmbeddings };
+        long a = plan.ComputeBytes;
+        foreach (var t in Tensors(plan))
+        {
+            bool adapter = t.Role is TensorRole.LoraA or TensorRole.LoraB;
+            bool trainable = plan.Trains && (plan.Lora is null ? !adapter : adapter);
+            bool quantized = plan.Quantization.Kind != QuantizationKind.None && t.Role == TensorRole.LayerLinearWeight;
+            int key = t.Layer >= 0 ? t.Layer : t.Role is TensorRole.FinalNorm or TensorRole.LmHead ? HeadUnit : EmbeddingUnit;
+            var unit = account[key];
+            unit.Weights += quantized ? plan.Quantization.WeightBytes(t.Count, t.Rows) : t.Count * a;
+            if (!trainable)
+            {
+                continue;
+            }
+            long masters = plan.UsesMasterWeights ? 4 * t.Count : 0;
+            long states = OptimizerStateBytes(plan, t.Count);
+            unit.Gradients += t.Count * a;
+            unit.Masters += masters;
+            unit.States += states;
+            unit.Trainable += t.Count;
+            account.TrainableCount += t.Count;
+            account.LargestTrainable = Math.Max(account.LargestTrainable, t.Count);
+            account.LargestTrainableOptimizerBytes = Math.Max(account.LargestTrainableOptimizerBytes, masters + states);
+        }
+        return account;
+    }
+
+    private static List<MemoryComponent> TrainingComponents(RunPlan plan, TensorAccount t)
+    {
+        var m = plan.Model;
+        var offload = plan.EffectiveOffload;
+        long b = plan.MicroBatchSize, s = plan.SequenceLength, a = plan.ComputeBytes;
+        int ranks = plan.Sharding.Shards ? plan.Sharding.WorldSize : 1;
+        bool fullShard = plan.Sharding.Strategy == ShardingStrategy.FullShard && ranks > 1;
+        string per = ranks > 1 ? string.Create(CultureInfo.InvariantCulture, $", sharded over {ranks} ranks") : "";
+        var list = new List<MemoryComponent>();
+
+        long weights = fullShard ? t.Sharded(u => u.Weights, ranks) : t.Sum(u => u.Weights);
+        list.Add(new("weights", WeightsLabel(plan), weights, offload.Weights, Phases.All,
+            WeightsFormula(plan) + (fullShard ? per : "")));
+        list.Add(new("master_weights", "fp32 master weights of trainable parameters", t.Sharded(u => u.Masters, ranks),
+            offload.OptimizerStates, Phases.All, "4 B x trainable parameters" + per));
+
+        long headGradients = t[HeadUnit].Gradients + (t.Tied ? t[EmbeddingUnit].Gradients : 0);
+        long headShare = (headGradients + ranks - 1) / ranks;
+        long allGradients = t.Sharded(u => u.Gradients, ranks);
+        string gradFormula = $"{a} B x trainable parameters{per}";
+        bool accumulating = plan.GradientAccumulationSteps > 1;
+        list.Add(new("gradients_head", "gradients of the LM head and final norm (first in backward)", headShare,
+            offload.Gradients, Phases.All, gradFormula));
+        list.Add(new("gradients", plan.Lora is null ? "gradients of the decoder layers and embeddings" : "gradients of the LoRA adapters",
+            allGradients - headShare,
+            offload.Gradients, accumulating ? Phases.All : Phases.BackwardEnd | Phases.OptimizerStep,
+            gradFormula + (accumulating ? "; kept across accumulated micro-batches" : "")));
+        list.Add(new("optimizer_states", $"{PlanNames.Format(plan.Optimizer)} states", t.Sharded(u => u.States, ranks),
+            offload.OptimizerStates, Phases.All, OptimizerFormula(plan) + per));
+
+        if (plan.Optimizer != OptimizerKind.None && t.TrainableCount > 0)
+        {
+            // The step walks the tensors one at a time; under sharding its tensors are each unit's flat shard.
+            long stepElements = ranks > 1 ? (t.Largest(u => u.Trainable) + ranks - 1) / ranks : t.LargestTrainable;
+            long denominator = plan.Optimizer == OptimizerKind.AdamW ? stepElements * plan.OptimizerStateBytes : 0;
+            long upcast = plan.UsesMasterWeights ? stepElements * 4 : 0;
+            var parts = new List<string>();
+            if (denominator > 0)
+            {
+                parts.Add("AdamW's denominator");
+            }
+            if (upcast > 0)
+            {
+                parts.Add("the fp32 copy of a 16-bit gradient");
+            }
+            list.Add(new("optimizer_step", "optimizer step temporaries (largest tensor)", denominator + upcast,
+                offload.OptimizerStates == MemoryTier.Device ? MemoryTier.Device : MemoryTier.Host, Phases.OptimizerStep,
+                $"{string.Join(" and ", parts)} for the largest trainable tensor{(ranks > 1 ? " (a unit's shard)" : "")}; the step goes tensor by tensor"));
+        }
+
+        // Activations.
+        long layer = ActivationModel.LayerBytes(plan, b, s);
+        int layers = m.NumHiddenLayers, k = plan.Checkpointing.Interval;
+        if (k == 0)
+        {
+            list.Add(new("activations", "activations kept by every decoder layer", checked(layers * layer), MemoryTier.Device,
+                Phases.ForwardEnd, $"{layers} layers x per-layer terms"));
+            list.Add(new("activations_last_layer", "activations of the layer differentiated last", layer, MemoryTier.Device,
+                Phases.BackwardEnd, "one layer's terms"));
+        }
+        else
+        {
+            long segments = (layers + k - 1) / k;
+            list.Add(new("activations", "checkpoints (segment inputs)", checked(segments * b * s * m.HiddenSize * a),
+                MemoryTier.Device, Phases.ForwardEnd, $"{segments} segments x b x s x hidden x {a} B"));
+            list.Add(new("activation_recompute", $"recomputed activations of one segment ({k} layer{(k > 1 ? "s" : "")})",
+                checked(k * layer), MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, $"{k} x per-layer terms"));
+        }
+        list.Add(new("activations_head", "final norm, LM head input, token ids and labels",
+            ActivationModel.HeadTerms(plan).Sum(term => term.Bytes(b, s)), MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd,
+            "head terms"));
+        list.Add(new("activation_gradients", "activation gradients in flight (one layer)", ActivationModel.BackwardWorkspaceBytes(plan, b, s),
+            MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "b x s x (2 hidden + widest intermediate group)"));
+        list.Add(new("loss", plan.Loss.Chunked ? "logits and loss (one chunk)" : "fp32 logits and loss", ActivationModel.LossBytes(plan, b, s),
+            MemoryTier.Device, Phases.ForwardEnd, plan.Loss.Chunked
+                ? $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (12 + {(a < 4 ? a : 0)}) B"
+                : $"b x s x vocab x (12 + {(a < 4 ? a : 0)}) B"));
+
+        // Buffers of sharding and offloading.
+        if (fullShard)
+        {
+            long gathered = t[EmbeddingUnit].Weights + t[HeadUnit].Weights + 2 * t.LargestLayer(u => u.Weights);
+            list.Add(new("fsdp_gathered", "FSDP gathered weights (root, current and prefetched layer)", gathered,
+                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "embedding + head + 2 x largest layer"));
+        }
+        else if (offload.Weights != MemoryTier.Device)
+        {
+            list.Add(new("weight_stream", "device buffers for streamed weights (current and next unit)", 2 * t.Largest(u => u.Weights),
+                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "2 x largest unit"));
+        }
+        if (ranks > 1 || offload.Gradients != MemoryTier.Device)
+        {
+            list.Add(new("gradient_buffer", ranks > 1 ? "unsharded gradients before reduce-scatter (one unit)" : "gradients of one unit before transfer",
+                t.Largest(u => u.Gradients), MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "largest unit's gradients"));
+        }
+        list.AddRange(DiskStaging(plan, t));
+        return list;
+    }
+
+    private static List<MemoryComponent> GenerationComponents(RunPlan plan, TensorAccount t)
+    {
+        var offload = plan.EffectiveOffload;
+        long b = plan.MicroBatchSize, s = plan.SequenceLength;
+        var list = new List<MemoryComponent>
+        {
+            new("weights", WeightsLabel(plan), t.Sum(u => u.Weights), offload.Weights, Phases.All, WeightsFormula(plan)),
+            new("kv_cache", "KV cache", ActivationModel.KvCacheBytes(plan, b, s), MemoryTier.Device, Phases.All,
+                $"2 x layers x b x s x kv_heads x head_dim x {plan.ComputeBytes} B"),
+            new("generation_workspace", "forward temporaries (prefill) and last-position logits",
+                ActivationModel.GenerationWorkspaceBytes(plan, b, s), MemoryTier.Device, Phases.All, "widest block of one layer"),
+            new("inputs", "token ids (int64)", checked(b * s * 8), MemoryTier.Device, Phases.All, "b x s x 8 B"),
+        };
+        if (offload.Weights != MemoryTier.Device)
+        {
+            list.Add(new("weight_stream", "device buffers for streamed weights (current and next unit)", 2 * t.Largest(u => u.Weights),
+                MemoryTier.Device, Phases.All, "2 x largest unit"));
+        }
+        list.AddRange(DiskStaging(plan, t));
+        return list;
+    }
+
+    private static IEnumerable<MemoryComponent> DiskStaging(RunPlan plan, TensorAccount t)
+    {
+        var offload = plan.EffectiveOffload;
+        long staging = 0;
+        if (offload.Weights == MemoryTier.Disk)
+        {
+            staging += 2 * t.Largest(u => u.Weights);
+        }
+        if (plan.Trains && offload.OptimizerStates == MemoryTier.Disk)
+        {
+            staging += 2 * t.LargestTrainableOptimizerBytes;
+        }
+        if (staging > 0)
+        {
+            var tier = plan.Device == ComputeDevice.Cpu ? MemoryTier.Device : MemoryTier.Host;
+            yield return new("disk_staging", "RAM buffers for tensors read from disk (double-buffered)", staging, tier,
+                Phases.All, "2 x largest unit (+ 2 x largest tensor's optimizer state)");
+        }
+    }
+
+    private static IEnumerable<MemoryComponent> Overhead(RunPlan plan)
+    {
+        if (plan.Overhead.ContextBytes > 0)
+        {
+            yield return new("cuda_context", "CUDA context and kernels", plan.Overhead.ContextBytes, MemoryTier.Device,
+                Phases.All, "configured (article: about 1.3 GB)");
+        }
+        if (plan.Overhead.RuntimeBaselineBytes > 0)
+        {
+            var tier = plan.Device == ComputeDevice.Cpu ? MemoryTier.Device : MemoryTier.Host;
+            yield return new("runtime_baseline", "runtime baseline (process before the model)", plan.Overhead.RuntimeBaselineBytes,
+                tier, Phases.All, "measured by the runtime");
+        }
+    }
+
+    private static string WeightsLabel(RunPlan plan)
+    {
+        var precision = plan.Precision == Precision.Fp32 ? "fp32" : plan.Precision == Precision.Fp16 ? "fp16" : "bf16";
+        return plan.Quantization.Kind switch
+        {
+            QuantizationKind.Int8 => $"weights (int8 linear layers, rest {precision})",
+            QuantizationKind.Nf4 => $"weights (NF4 linear layers, rest {precision})",
+            _ => plan.Lora is null ? $"weights ({precision})" : $"weights and LoRA adapters ({precision})",
+        };
+    }
+
+    private static string WeightsFormula(RunPlan plan) => plan.Quantization.Kind switch
+    {
+        QuantizationKind.Int8 => $"1 B per linear weight + 4 B per output row; {plan.ComputeBytes} B for the rest",
+        QuantizationKind.Nf4 => string.Create(CultureInfo.InvariantCulture,
+            $"0.5 B per linear weight + absmax per {plan.Quantization.Nf4BlockSize}{(plan.Quantization.Nf4DoubleQuant ? " (8-bit, double quant)" : " (fp32)")}; {plan.ComputeBytes} B for the rest"),
+        _ => $"{plan.ComputeBytes} B x parameters",
+    };
+
+    private static string OptimizerFormula(RunPlan plan) => plan.Optimizer switch
+    {
+        OptimizerKind.AdamW => $"2 x {plan.OptimizerStateBytes} B x trainable parameters",
+        OptimizerKind.AdamW8bit => $"2 x (1 B + 4 B / {AdamW8bitLayout.BlockSize}) per parameter; 8 B for tensors under {AdamW8bitLayout.MinTensorSize} elements",
+        OptimizerKind.SgdMomentum => $"{plan.OptimizerStateBytes} B x trainable parameters",
+        _ => "none",
+    };
+}

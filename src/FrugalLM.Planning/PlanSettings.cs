@@ -1,0 +1,295 @@
+using System.Globalization;
+
+namespace FrugalLM.Planning;
+
+/// <summary>What a run does with the model.</summary>
+public enum RunMode
+{
+    /// <summary>Forward, backward and optimizer steps.</summary>
+    Train,
+
+    /// <summary>Forward passes only, with a KV cache.</summary>
+    Generate,
+}
+
+/// <summary>Numeric precision of a run.</summary>
+public enum Precision
+{
+    /// <summary>Everything in fp32.</summary>
+    Fp32,
+
+    /// <summary>
+    /// Training: bf16 compute copies of the weights, gradients on those copies, fp32 master weights that the
+    /// optimizer updates. Inference: bf16 weights.
+    /// </summary>
+    Bf16,
+
+    /// <summary>As <see cref="Bf16"/> with fp16 compute copies and dynamic loss scaling.</summary>
+    Fp16,
+
+    /// <summary>Training with bf16 weights, gradients and optimizer states and no fp32 masters.</summary>
+    Bf16Pure,
+}
+
+/// <summary>How the frozen base weights of the decoder layers' linear layers are stored.</summary>
+public enum QuantizationKind
+{
+    /// <summary>At the run's compute precision.</summary>
+    None,
+
+    /// <summary>
+    /// LLM.int8(): int8 weights with one fp32 absmax scale per output row (bitsandbytes' CB/SCB); inputs'
+    /// outlier features above <see cref="Quantization.OutlierThreshold"/> are multiplied in 16-bit.
+    /// </summary>
+    Int8,
+
+    /// <summary>
+    /// QLoRA's 4-bit NormalFloat: two 4-bit codes per byte and one absmax per block of
+    /// <see cref="Quantization.Nf4BlockSize"/> weights (fp32, or 8-bit with double quantization).
+    /// </summary>
+    Nf4,
+}
+
+/// <summary>Base-weight quantization. Only the weights of linear layers inside decoder layers are quantized;
+/// embeddings, norms, biases and the LM head keep the compute precision.</summary>
+/// <param name="Kind">None, int8 or NF4.</param>
+/// <param name="Nf4BlockSize">Weights per NF4 absmax block (bitsandbytes default 64).</param>
+/// <param name="Nf4DoubleQuant">Quantize the NF4 absmax values to 8 bits in blocks of 256 (QLoRA's double quantization).</param>
+/// <param name="OutlierThreshold">LLM.int8() outlier threshold on input features (bitsandbytes default 6.0).</param>
+public sealed record Quantization(
+    QuantizationKind Kind,
+    int Nf4BlockSize = 64,
+    bool Nf4DoubleQuant = false,
+    double OutlierThreshold = 6.0)
+{
+    /// <summary>Absmax values per second-level block under double quantization.</summary>
+    public const int DoubleQuantBlockSize = 256;
+
+    /// <summary>No quantization.</summary>
+    public static Quantization None { get; } = new(QuantizationKind.None);
+
+    /// <summary>LLM.int8() with default settings.</summary>
+    public static Quantization Int8 { get; } = new(QuantizationKind.Int8);
+
+    /// <summary>NF4 with 64-weight blocks and fp32 absmax.</summary>
+    public static Quantization Nf4 { get; } = new(QuantizationKind.Nf4);
+
+    /// <summary>Stored bytes of one quantized linear weight with <paramref name="count"/> elements and <paramref name="rows"/> output rows.</summary>
+    public long WeightBytes(long count, int rows) => Kind switch
+    {
+        QuantizationKind.Int8 => count + 4L * rows,
+        QuantizationKind.Nf4 => Nf4Bytes(count),
+        _ => throw new InvalidOperationException("not a quantized format"),
+    };
+
+    private long Nf4Bytes(long count)
+    {
+        long blocks = Ceil(count, Nf4BlockSize);
+        long absmax = Nf4DoubleQuant ? blocks + 4 * Ceil(blocks, DoubleQuantBlockSize) + 4 : 4 * blocks;
+        return Ceil(count, 2) + absmax;
+    }
+
+    private static long Ceil(long a, long b) => (a + b - 1) / b;
+}
+
+/// <summary>LoRA adapters on the decoder layers' linear layers; the base model is frozen.</summary>
+/// <param name="Rank">r: inner width of each adapter.</param>
+/// <param name="Alpha">Scale numerator: the update is B·A·(alpha / r).</param>
+/// <param name="TargetModules">HF module names (q_proj, v_proj, ...) or the single name <c>all-linear</c>.</param>
+/// <param name="Dropout">Dropout on the adapter input while training (PEFT's lora_dropout).</param>
+public sealed record LoraSettings(int Rank, double Alpha, IReadOnlyList<string> TargetModules, double Dropout)
+{
+    /// <summary>The target name meaning every linear layer of the decoder layers (not the LM head), as in PEFT.</summary>
+    public const string AllLinear = "all-linear";
+
+    /// <summary>The PEFT example the article cites: r=16, alpha=32, dropout 0.05 on q_proj and v_proj.</summary>
+    public static LoraSettings ArticleExample { get; } = new(16, 32, ["q_proj", "v_proj"], 0.05);
+
+    /// <summary>The concrete module names targeted in <paramref name="model"/>.</summary>
+    public IReadOnlyList<string> ResolveTargets(ModelSpec model) =>
+        TargetModules.Count == 1 && TargetModules[0] == AllLinear ? model.LinearNames : TargetModules;
+
+    /// <summary>e.g. "LoRA r16 q_proj,v_proj".</summary>
+    public override string ToString() =>
+        string.Create(CultureInfo.InvariantCulture, $"LoRA r{Rank} {string.Join(',', TargetModules)}");
+
+    /// <summary>Equality by value, including the target list.</summary>
+    public bool Equals(LoraSettings? other) =>
+        other is not null && Rank == other.Rank && Alpha.Equals(other.Alpha) && Dropout.Equals(other.Dropout)
+        && TargetModules.SequenceEqual(other.TargetModules);
+
+    /// <summary>Hash consistent with <see cref="Equals(LoraSettings?)"/>.</summary>
+    public override int GetHashCode() => HashCode.Combine(Rank, Alpha, Dropout, string.Join(',', TargetModules));
+}
+
+/// <summary>The optimizer a training run uses.</summary>
+public enum OptimizerKind
+{
+    /// <summary>AdamW with two moments per trainable parameter at the master precision (fp32: 8 bytes).</summary>
+    AdamW,
+
+    /// <summary>
+    /// bitsandbytes' block-wise 8-bit AdamW: two uint8 moments plus one fp32 absmax per moment per
+    /// <see cref="AdamW8bitLayout.BlockSize"/> values; tensors under <see cref="AdamW8bitLayout.MinTensorSize"/>
+    /// elements keep fp32 moments.
+    /// </summary>
+    AdamW8bit,
+
+    /// <summary>SGD with one momentum buffer per trainable parameter.</summary>
+    SgdMomentum,
+
+    /// <summary>No optimizer state (inference, or measuring forward and backward alone).</summary>
+    None,
+}
+
+/// <summary>The state layout of the 8-bit AdamW (bitsandbytes defaults), shared by estimator and runtime.</summary>
+public static class AdamW8bitLayout
+{
+    /// <summary>Values per fp32 absmax block of each quantized moment.</summary>
+    public const int BlockSize = 2048;
+
+    /// <summary>Tensors with fewer elements keep fp32 moments (bitsandbytes' min_8bit_size).</summary>
+    public const int MinTensorSize = 4096;
+}
+
+/// <summary>Gradient (activation) checkpointing of decoder layers.</summary>
+/// <param name="Interval">0: off. k ≥ 1: the stack is cut into segments of k consecutive decoder layers; only each
+/// segment's input is kept and the segment is recomputed in backward.</param>
+public sealed record Checkpointing(int Interval)
+{
+    /// <summary>No checkpointing.</summary>
+    public static Checkpointing None { get; } = new(0);
+
+    /// <summary>One checkpoint per decoder layer (HF <c>gradient_checkpointing_enable()</c>).</summary>
+    public static Checkpointing EveryLayer { get; } = new(1);
+
+    /// <summary>Whether any layer is recomputed.</summary>
+    public bool Enabled => Interval > 0;
+}
+
+/// <summary>Which attention kernel runs.</summary>
+public enum AttentionKind
+{
+    /// <summary>Fused scaled-dot-product attention (flash / memory-efficient): O(s) memory, keeps the log-sum-exp.</summary>
+    Sdpa,
+
+    /// <summary>Explicit softmax(QKᵀ)V: keeps the s x s probabilities of every head.</summary>
+    Eager,
+}
+
+/// <summary>How logits and the cross-entropy loss are computed while training.</summary>
+/// <param name="Chunked">Compute LM head, log-softmax and loss over chunks of tokens instead of all at once.</param>
+/// <param name="ChunkTokens">Tokens per chunk when chunked.</param>
+public sealed record LossComputation(bool Chunked, int ChunkTokens = 1024)
+{
+    /// <summary>Full fp32 logits for every token (HF's default).</summary>
+    public static LossComputation Full { get; } = new(false);
+
+    /// <summary>Chunks of 1024 tokens.</summary>
+    public static LossComputation ChunkedDefault { get; } = new(true);
+}
+
+/// <summary>FSDP sharding strategy (PyTorch names; DeepSpeed ZeRO stage in brackets).</summary>
+public enum ShardingStrategy
+{
+    /// <summary>No sharding.</summary>
+    None,
+
+    /// <summary>FULL_SHARD (ZeRO-3): weights, gradients and optimizer states sharded; layers gathered as they run.</summary>
+    FullShard,
+
+    /// <summary>SHARD_GRAD_OP (ZeRO-2): gradients and optimizer states sharded; full weights kept on every rank.</summary>
+    ShardGradOp,
+}
+
+/// <summary>Sharding across data-parallel ranks.</summary>
+/// <param name="Strategy">The FSDP strategy.</param>
+/// <param name="WorldSize">Ranks (GPUs) sharing the model.</param>
+public sealed record Sharding(ShardingStrategy Strategy, int WorldSize)
+{
+    /// <summary>One rank, nothing sharded.</summary>
+    public static Sharding None { get; } = new(ShardingStrategy.None, 1);
+
+    /// <summary>Whether anything is divided between ranks.</summary>
+    public bool Shards => Strategy != ShardingStrategy.None && WorldSize > 1;
+}
+
+/// <summary>Where a memory component lives.</summary>
+public enum MemoryTier
+{
+    /// <summary>The accelerator (or, for a CPU run, the process's RAM).</summary>
+    Device,
+
+    /// <summary>Host RAM next to an accelerator.</summary>
+    Host,
+
+    /// <summary>Files on disk, memory-mapped or streamed.</summary>
+    Disk,
+}
+
+/// <summary>
+/// Which tier holds the weights, the gradients and the optimizer (its states and the fp32 master weights).
+/// Whatever is not on the device is streamed through device buffers one unit (decoder layer) at a time, and an
+/// optimizer off the device runs its step where its states are.
+/// </summary>
+/// <param name="Name">The CLI name of the policy.</param>
+/// <param name="Weights">Tier of the (compute-precision or quantized) weights.</param>
+/// <param name="Gradients">Tier of the gradients.</param>
+/// <param name="OptimizerStates">Tier of the optimizer states and master weights (where the step runs).</param>
+public sealed record OffloadPolicy(string Name, MemoryTier Weights, MemoryTier Gradients, MemoryTier OptimizerStates)
+{
+    /// <summary>Everything on the device.</summary>
+    public static OffloadPolicy None { get; } = new("none", MemoryTier.Device, MemoryTier.Device, MemoryTier.Device);
+
+    /// <summary>ZeRO-Offload: gradients, optimizer states and masters on the host; the step runs on the CPU.</summary>
+    public static OffloadPolicy Optimizer { get; } = new("optimizer", MemoryTier.Device, MemoryTier.Host, MemoryTier.Host);
+
+    /// <summary>Weights on the host, streamed layer by layer; gradients and optimizer stay on the device.</summary>
+    public static OffloadPolicy Params { get; } = new("params", MemoryTier.Host, MemoryTier.Device, MemoryTier.Device);
+
+    /// <summary>Weights, gradients and optimizer on the host (FSDP CPUOffload(offload_params=True)).</summary>
+    public static OffloadPolicy All { get; } = new("all", MemoryTier.Host, MemoryTier.Host, MemoryTier.Host);
+
+    /// <summary>Weights and optimizer on disk, gradients on the host; host keeps staging buffers.</summary>
+    public static OffloadPolicy Disk { get; } = new("disk", MemoryTier.Disk, MemoryTier.Host, MemoryTier.Disk);
+
+    /// <summary>The named policies.</summary>
+    public static IReadOnlyList<OffloadPolicy> Named { get; } = [None, Optimizer, Params, All, Disk];
+
+    /// <summary>
+    /// The policy as it applies on <paramref name="device"/>: on a CPU run the host RAM is the device, so Host
+    /// becomes Device.
+    /// </summary>
+    public OffloadPolicy For(ComputeDevice device) => device == ComputeDevice.Cpu
+        ? this with { Weights = Lift(Weights), Gradients = Lift(Gradients), OptimizerStates = Lift(OptimizerStates) }
+        : this;
+
+    private static MemoryTier Lift(MemoryTier tier) => tier == MemoryTier.Host ? MemoryTier.Device : tier;
+}
+
+/// <summary>What executes the run.</summary>
+public enum ComputeDevice
+{
+    /// <summary>A CUDA GPU (pays a CUDA context).</summary>
+    Cuda,
+
+    /// <summary>The CPU: device memory is the process's RAM.</summary>
+    Cpu,
+}
+
+/// <summary>Memory the framework uses before any tensor exists.</summary>
+/// <param name="ContextBytes">CUDA context and kernels on the GPU (the article's ~1.3 GB); 0 on the CPU.</param>
+/// <param name="RuntimeBaselineBytes">Resident memory of the process with the runtime loaded and no model, as the
+/// runtime measures it (libtorch, .NET, tokenizer); counted on the device tier of a CPU run and on the host
+/// otherwise. 0 until a measurement is supplied.</param>
+public sealed record FrameworkOverhead(long ContextBytes, long RuntimeBaselineBytes)
+{
+    /// <summary>The article's CUDA context estimate, 1.3 GB (decimal).</summary>
+    public const long DefaultCudaContextBytes = 1_300_000_000L;
+
+    /// <summary>A GPU run with the default context and no measured baseline.</summary>
+    public static FrameworkOverhead Cuda { get; } = new(DefaultCudaContextBytes, 0);
+
+    /// <summary>A CPU run with no measured baseline.</summary>
+    public static FrameworkOverhead Cpu { get; } = new(0, 0);
+}

@@ -1,0 +1,328 @@
+using FrugalLM.Planning;
+
+namespace FrugalLM.Planning.Tests;
+
+/// <summary>Each component on the tiny models, with the expected bytes worked out by hand in the comments.</summary>
+public sealed class MemoryEstimatorTests
+{
+    [Fact]
+    public void Fp32FullAdamWComponentsAndPhases()
+    {
+        var e = MemoryEstimator.Estimate(Tiny.Plan());
+        // Weights 8656 x 4 = 34,624. No masters in fp32.
+        Assert.Equal(34_624, e.Bytes("weights"));
+        Assert.Equal(0, e.Bytes("master_weights"));
+        // Gradients 4 B each: head unit (final norm 16 + LM head 1600) x 4 = 6,464 first, the rest 28,160.
+        Assert.Equal(6_464, e.Bytes("gradients_head"));
+        Assert.Equal(28_160, e.Bytes("gradients"));
+        // AdamW: 2 x 4 B x 8656 = 69,248. Step temporary: largest tensor (1600) x 4 B = 6,400.
+        Assert.Equal(69_248, e.Bytes("optimizer_states"));
+        Assert.Equal(6_400, e.Bytes("optimizer_step"));
+        // One layer keeps 1176 B per token (see ActivationTermsOfALlamaLayer); 6 tokens -> 7,056; 2 layers 14,112.
+        Assert.Equal(14_112, e.Bytes("activations"));
+        Assert.Equal(7_056, e.Bytes("activations_last_layer"));
+        // Head: final norm input 16 x 4 + 4 = 68, LM head input 64, ids and labels 16 -> 148 x 6 = 888.
+        Assert.Equal(888, e.Bytes("activations_head"));
+        // In-flight activation gradients: 6 tokens x 4 B x (2 x 16 + max(3 x 40, 4 x 16)) = 3,648.
+        Assert.Equal(3_648, e.Bytes("activation_gradients"));
+        // Loss: 6 tokens x 100 vocab x 12 B = 7,200.
+        Assert.Equal(7_200, e.Bytes("loss"));
+        Assert.Equal(1_000, e.Bytes("cuda_context"));
+
+        // Forward end: weights, first gradients, states, all activations, head, in-flight grads, loss, context.
+        Assert.Equal(34_624 + 6_464 + 69_248 + 14_112 + 888 + 3_648 + 7_200 + 1_000, e.DeviceBytesAt(Phases.ForwardEnd));
+        // Backward end: weights, all gradients, states, last layer's activations, head, in-flight grads, context.
+        Assert.Equal(34_624 + 6_464 + 28_160 + 69_248 + 7_056 + 888 + 3_648 + 1_000, e.DeviceBytesAt(Phases.BackwardEnd));
+        // Optimizer step: weights, gradients, states, the step temporary, context.
+        Assert.Equal(34_624 + 6_464 + 28_160 + 69_248 + 6_400 + 1_000, e.DeviceBytesAt(Phases.OptimizerStep));
+        Assert.Equal(Phases.BackwardEnd, e.PeakPhase);
+        Assert.Equal(151_088, e.DeviceBytes);
+        Assert.Equal(0, e.HostBytes);
+        Assert.Equal(8_656, e.TrainableParameterCount);
+    }
+
+    [Fact]
+    public void MixedPrecisionKeepsFp32MastersAndSixteenBitGradients()
+    {
+        var e = MemoryEstimator.Estimate(Tiny.Plan() with { Precision = Precision.Bf16 });
+        Assert.Equal(17_312, e.Bytes("weights"));          // 8656 x 2
+        Assert.Equal(34_624, e.Bytes("master_weights"));   // 8656 x 4
+        Assert.Equal(3_232, e.Bytes("gradients_head"));    // 1616 x 2
+        Assert.Equal(14_080, e.Bytes("gradients"));        // 7040 x 2
+        Assert.Equal(69_248, e.Bytes("optimizer_states")); // moments on the fp32 masters
+        Assert.Equal(12_800, e.Bytes("optimizer_step"));   // 1600 x 4 denominator + 1600 x 4 upcast gradient
+        // bf16 loss: 6 x 100 x (12 + 2) = 8,400.
+        Assert.Equal(8_400, e.Bytes("loss"));
+    }
+
+    [Fact]
+    public void PureBf16AndSgdStates()
+    {
+        var pure = MemoryEstimator.Estimate(Tiny.Plan() with { Precision = Precision.Bf16Pure });
+        Assert.Equal(0, pure.Bytes("master_weights"));
+        Assert.Equal(34_624, pure.Bytes("optimizer_states")); // 2 x 2 B x 8656
+        Assert.Equal(3_200, pure.Bytes("optimizer_step"));    // 1600 x 2, no upcast
+
+        var sgd = MemoryEstimator.Estimate(Tiny.Plan() with { Optimizer = OptimizerKind.SgdMomentum });
+        Assert.Equal(34_624, sgd.Bytes("optimizer_states"));  // 4 B x 8656
+        Assert.Equal(0, sgd.Bytes("optimizer_step"));
+
+        var none = MemoryEstimator.Estimate(Tiny.Plan() with { Optimizer = OptimizerKind.None });
+        Assert.Equal(0, none.Bytes("optimizer_states"));
+    }
+
+    [Theory]
+    [InlineData(4095, 32_760)] // under min_8bit_size: two fp32 moments, 8 x 4095
+    [InlineData(4096, 8_208)]  // 2 x (4096 B + 4 B x ceil(4096 / 2048) = 8)
+    [InlineData(4800, 9_624)]  // 2 x (4800 + 4 x 3)
+    public void EightBitAdamWStatesAreBlockWise(long count, long expected)
+    {
+        Assert.Equal(expected, MemoryEstimator.OptimizerStateBytes(Tiny.Plan() with { Optimizer = OptimizerKind.AdamW8bit }, count));
+    }
+
+    [Fact]
+    public void QuantizedBaseWeights()
+    {
+        var generate = Tiny.Plan() with { Mode = RunMode.Generate, Precision = Precision.Bf16, Optimizer = OptimizerKind.None };
+        // Unquantized tensors (embedding 1600, norms 64, final norm 16, LM head 1600 = 3280) stay bf16: 6,560.
+        // int8: linear weights 2688 B + one fp32 scale per output row (16+8+8+16+40+40+16 = 144 rows, 576 B) = 3,264
+        // per layer, 6,528 for two.
+        Assert.Equal(6_528 + 6_560, MemoryEstimator.Estimate(generate with { Quantization = Quantization.Int8 }).Bytes("weights"));
+        // NF4, 64-weight blocks with fp32 absmax: q 256 -> 128 + 4 x 4 = 144; k, v 128 -> 64 + 2 x 4 = 72;
+        // o 144; gate, up, down 640 -> 320 + 10 x 4 = 360. 1,512 per layer, 3,024 for two.
+        Assert.Equal(3_024 + 6_560, MemoryEstimator.Estimate(generate with { Quantization = Quantization.Nf4 }).Bytes("weights"));
+        // Double quantization: absmax 1 B per block + 4 B per 256 blocks + a 4 B offset:
+        // q 128 + 4 + 4 + 4 = 140; k, v 64 + 2 + 4 + 4 = 74; o 140; 640-weight layers 320 + 10 + 4 + 4 = 338.
+        // 1,442 per layer, 2,884 for two.
+        var doubleQuant = new Quantization(QuantizationKind.Nf4, Nf4DoubleQuant: true);
+        Assert.Equal(2_884 + 6_560, MemoryEstimator.Estimate(generate with { Quantization = doubleQuant }).Bytes("weights"));
+    }
+
+    [Fact]
+    public void LoraTrainsOnlyItsAdapters()
+    {
+        var plan = Tiny.Plan() with { Lora = new LoraSettings(2, 4, ["q_proj", "v_proj"], 0) };
+        var e = MemoryEstimator.Estimate(plan);
+        // Per layer: q A 2x16 = 32, q B 16x2 = 32, v A 2x16 = 32, v B 8x2 = 16 -> 112; two layers 224.
+        Assert.Equal(224, e.TrainableParameterCount);
+        Assert.Equal((8_656 + 224) * 4, e.Bytes("weights"));
+        Assert.Equal(0, e.Bytes("gradients_head"));      // the head is frozen
+        Assert.Equal(224 * 4, e.Bytes("gradients"));
+        Assert.Equal(224 * 8, e.Bytes("optimizer_states"));
+        Assert.Equal(32 * 4, e.Bytes("optimizer_step")); // largest adapter tensor: 32 elements
+        // 968 B per token per layer (see LoraLayerTerms) x 6 tokens x 2 layers.
+        Assert.Equal(968 * 6 * 2, e.Bytes("activations"));
+        // Head: final norm input 68 + ids 16 (no LM head input: its weight is frozen) = 84 x 6.
+        Assert.Equal(84 * 6, e.Bytes("activations_head"));
+    }
+
+    [Fact]
+    public void ActivationTermsOfALlamaLayer()
+    {
+        // fp32, full fine-tuning, SDPA, per token: norm 1 input 16 x 4 + 4 (rstd) = 68; attention input 64;
+        // q, k, v (k and v expanded to 4 heads) 3 x 16 x 4 = 192; attention output 64; log-sum-exp 4 heads x 4 = 16;
+        // norm 2 input 68; MLP input 64; gate, up, silu(gate) 3 x 40 x 4 = 480; down_proj input 160. Sum 1,176.
+        var plan = Tiny.Plan();
+        Assert.Equal(1_176, ActivationModel.LayerTerms(plan).Sum(t => t.BytesPerToken));
+        Assert.Equal(0, ActivationModel.LayerTerms(plan).Sum(t => t.BytesPerTokenPerKey));
+        Assert.Equal(1_176 * 6, ActivationModel.LayerBytes(plan, 2, 3));
+
+        // Eager keeps no log-sum-exp but the fp32 probabilities: 4 heads x 4 B per key (1160 B per token + 16 per key).
+        var eager = plan with { Attention = AttentionKind.Eager };
+        Assert.Equal(1_160, ActivationModel.LayerTerms(eager).Sum(t => t.BytesPerToken));
+        Assert.Equal(16, ActivationModel.LayerTerms(eager).Sum(t => t.BytesPerTokenPerKey));
+        Assert.Equal(2 * 3 * 1_160 + 2 * 3 * 3 * 16, ActivationModel.LayerBytes(eager, 2, 3));
+
+        // bf16 eager: per token 36 + 32 + 96 + 32 (o_proj input) + 36 + 32 + 240 + 80 = 584; per key 4 x (4 + 2) = 24.
+        var eagerBf16 = eager with { Precision = Precision.Bf16 };
+        Assert.Equal(584, ActivationModel.LayerTerms(eagerBf16).Sum(t => t.BytesPerToken));
+        Assert.Equal(24, ActivationModel.LayerTerms(eagerBf16).Sum(t => t.BytesPerTokenPerKey));
+    }
+
+    [Fact]
+    public void LoraLayerTerms()
+    {
+        // LoRA on q and v, no dropout: the frozen MLP needs neither its input nor down_proj's, and the frozen o_proj
+        // nothing beyond what SDPA keeps. 68 + 64 (q/v input) + 192 + 64 + 16 + 68 + 480 + A outputs 2 x 2 x 4 = 16
+        // -> 968.
+        var lora = Tiny.Plan() with { Lora = new LoraSettings(2, 4, ["q_proj", "v_proj"], 0) };
+        Assert.Equal(968, ActivationModel.LayerTerms(lora).Sum(t => t.BytesPerToken));
+        // With dropout the adapters read a dropped copy: input 16 x 4 + mask 16 = 80 per target, 160 for two, and
+        // the attention input itself is no longer kept: 968 - 64 + 160 = 1,064.
+        var dropout = lora with { Lora = lora.Lora! with { Dropout = 0.1 } };
+        Assert.Equal(1_064, ActivationModel.LayerTerms(dropout).Sum(t => t.BytesPerToken));
+    }
+
+    [Fact]
+    public void ActivationTermsOfAnOptLayer()
+    {
+        // fp32 full SDPA: LayerNorm 1 input 8 x 4 + 8 (mean, rstd) = 40; attention input 32; q, k, v 96;
+        // attention output 32; log-sum-exp 2 x 4 = 8; dropout mask 8; LayerNorm 2 input 40; fc1 input 32;
+        // relu output 32 x 4 = 128; dropout mask 8. Sum 424.
+        var plan = Tiny.Plan(Tiny.Opt());
+        Assert.Equal(2_304, plan.Model.ParameterCount);
+        Assert.Equal(424, ActivationModel.LayerTerms(plan).Sum(t => t.BytesPerToken));
+    }
+
+    [Fact]
+    public void CheckpointingKeepsSegmentInputsAndRecomputesOneSegment()
+    {
+        var every = MemoryEstimator.Estimate(Tiny.Plan() with { Checkpointing = Checkpointing.EveryLayer });
+        // 2 segments x 6 tokens x 16 x 4 B = 768 kept; one layer (7,056) recomputed.
+        Assert.Equal(768, every.Bytes("activations"));
+        Assert.Equal(7_056, every.Bytes("activation_recompute"));
+        Assert.Equal(0, every.Bytes("activations_last_layer"));
+        var pairs = MemoryEstimator.Estimate(Tiny.Plan() with { Checkpointing = new Checkpointing(2) });
+        // 1 segment of 2 layers: 384 kept, 2 x 7,056 recomputed.
+        Assert.Equal(384, pairs.Bytes("activations"));
+        Assert.Equal(14_112, pairs.Bytes("activation_recompute"));
+    }
+
+    [Fact]
+    public void ChunkedLossOnlyHoldsOneChunk()
+    {
+        // 4 tokens x 100 x 12 = 4,800; a chunk larger than the batch is the full 6 x 100 x 12 = 7,200.
+        Assert.Equal(4_800, ActivationModel.LossBytes(Tiny.Plan() with { Loss = new LossComputation(true, 4) }, 2, 3));
+        Assert.Equal(7_200, ActivationModel.LossBytes(Tiny.Plan() with { Loss = new LossComputation(true, 100) }, 2, 3));
+    }
+
+    [Fact]
+    public void GenerationKeepsAKvCacheAndNoTrainingState()
+    {
+        var plan = Tiny.Plan() with { Mode = RunMode.Generate, Precision = Precision.Bf16, Optimizer = OptimizerKind.None };
+        var e = MemoryEstimator.Estimate(plan);
+        // 2 (K and V) x 2 layers x 2 sequences x 3 positions x 2 KV heads x 4 x 2 B = 384.
+        Assert.Equal(384, e.Bytes("kv_cache"));
+        // Prefill temporaries: max(attention 6 x 2 x (32 + 64) = 1,152; MLP 6 x 2 x (32 + 120) = 1,824)
+        // + last-position fp32 logits 2 x 100 x 4 = 800.
+        Assert.Equal(2_624, e.Bytes("generation_workspace"));
+        Assert.Equal(48, e.Bytes("inputs"));
+        Assert.Equal(17_312, e.Bytes("weights"));
+        Assert.Equal(0, e.Bytes("optimizer_states") + e.Bytes("gradients") + e.Bytes("activations"));
+        Assert.Equal(17_312 + 384 + 2_624 + 48 + 1_000, e.DeviceBytes);
+    }
+
+    [Fact]
+    public void FsdpDividesModelStatesAndAddsGatheredLayers()
+    {
+        var full = MemoryEstimator.Estimate(Tiny.Plan() with { Sharding = new Sharding(ShardingStrategy.FullShard, 2) });
+        // Units: embedding 6,400 B, two layers of 10,880 B, head 6,464 B; each halved: 3,200 + 5,440 x 2 + 3,232.
+        Assert.Equal(17_312, full.Bytes("weights"));
+        Assert.Equal(34_624, full.Bytes("optimizer_states"));
+        Assert.Equal(3_232, full.Bytes("gradients_head"));
+        Assert.Equal(17_312 - 3_232, full.Bytes("gradients"));
+        // Gathered: embedding + head (the root stays gathered) + current and prefetched layer.
+        Assert.Equal(6_400 + 6_464 + 2 * 10_880, full.Bytes("fsdp_gathered"));
+        // Unsharded gradients of the largest unit before reduce-scatter.
+        Assert.Equal(10_880, full.Bytes("gradient_buffer"));
+        // The step walks flat shards: the largest unit (a layer, 2720 parameters) over 2 ranks x 4 B.
+        Assert.Equal(1_360 * 4, full.Bytes("optimizer_step"));
+
+        var gradOp = MemoryEstimator.Estimate(Tiny.Plan() with { Sharding = new Sharding(ShardingStrategy.ShardGradOp, 2) });
+        Assert.Equal(34_624, gradOp.Bytes("weights")); // ZeRO-2 keeps full weights
+        Assert.Equal(34_624, gradOp.Bytes("optimizer_states"));
+        Assert.Equal(0, gradOp.Bytes("fsdp_gathered"));
+    }
+
+    [Fact]
+    public void OffloadPlacesComponentsOnTiers()
+    {
+        var optimizer = MemoryEstimator.Estimate(Tiny.Plan() with { Offload = OffloadPolicy.Optimizer });
+        Assert.Equal(MemoryTier.Host, optimizer.Components.Single(c => c.Key == "optimizer_states").Tier);
+        Assert.Equal(MemoryTier.Host, optimizer.Components.Single(c => c.Key == "gradients").Tier);
+        Assert.Equal(MemoryTier.Device, optimizer.Components.Single(c => c.Key == "weights").Tier);
+        Assert.Equal(10_880, optimizer.Bytes("gradient_buffer")); // one layer's gradients before the copy
+        Assert.Equal(34_624 + 69_248 + 6_400, optimizer.HostBytes); // gradients, states, the CPU step's temporary
+
+        var all = MemoryEstimator.Estimate(Tiny.Plan() with { Offload = OffloadPolicy.All });
+        Assert.Equal(MemoryTier.Host, all.Components.Single(c => c.Key == "weights").Tier);
+        Assert.Equal(2 * 10_880, all.Bytes("weight_stream"));
+
+        var disk = MemoryEstimator.Estimate(Tiny.Plan() with { Offload = OffloadPolicy.Disk });
+        Assert.Equal(34_624 + 69_248, disk.DiskBytes); // weights and optimizer states
+        // Staging: 2 x largest unit (10,880) + 2 x largest tensor's optimizer bytes (1600 x 8 = 12,800).
+        Assert.Equal(2 * 10_880 + 2 * 12_800, disk.Bytes("disk_staging"));
+
+        // On a CPU run the host is the device: nothing is "offloaded" to it.
+        var cpu = MemoryEstimator.Estimate(Tiny.Plan() with
+        {
+            Offload = OffloadPolicy.Optimizer,
+            Device = ComputeDevice.Cpu,
+            Overhead = new FrameworkOverhead(0, 5_000),
+        });
+        Assert.Equal(0, cpu.HostBytes);
+        Assert.Equal(5_000, cpu.Bytes("runtime_baseline"));
+        Assert.Equal(0, cpu.Bytes("cuda_context"));
+    }
+
+    [Fact]
+    public void GradientAccumulationKeepsGradientsAliveAcrossTheStep()
+    {
+        var e = MemoryEstimator.Estimate(Tiny.Plan() with { GradientAccumulationSteps = 4 });
+        Assert.Equal(Phases.All, e.Components.Single(c => c.Key == "gradients").LiveIn);
+        Assert.Equal(MemoryEstimator.Estimate(Tiny.Plan()).DeviceBytesAt(Phases.ForwardEnd) + 28_160, e.DeviceBytesAt(Phases.ForwardEnd));
+    }
+
+    [Fact]
+    public void MaxMicroBatchIsTheLargestThatFits()
+    {
+        var random = new Random(7);
+        var plan = Tiny.Plan();
+        long fixedPart = MemoryEstimator.Estimate(plan with { MicroBatchSize = 1 }).DeviceBytes;
+        for (int trial = 0; trial < 25; trial++)
+        {
+            long budget = fixedPart + random.NextInt64(-1_000, 5_000_000);
+            int batch = MemoryEstimator.MaxMicroBatch(plan, budget);
+            if (batch == 0)
+            {
+                Assert.True(fixedPart > budget);
+                continue;
+            }
+            Assert.True(MemoryEstimator.Estimate(plan with { MicroBatchSize = batch }).DeviceBytes <= budget);
+            Assert.True(MemoryEstimator.Estimate(plan with { MicroBatchSize = batch + 1 }).DeviceBytes > budget);
+        }
+    }
+
+    [Theory]
+    [InlineData("rank")]
+    [InlineData("target")]
+    [InlineData("world")]
+    [InlineData("batch")]
+    [InlineData("quantized-full")]
+    [InlineData("positions")]
+    [InlineData("alpha")]
+    public void InvalidPlansAreRefusedWithAReason(string what)
+    {
+        var plan = Tiny.Plan();
+        var bad = what switch
+        {
+            // k_proj is 16 -> 8: rank 9 cannot exist.
+            "rank" => plan with { Lora = new LoraSettings(9, 18, ["k_proj"], 0) },
+            "target" => plan with { Lora = new LoraSettings(2, 4, ["fc1"], 0) },
+            "world" => plan with { Sharding = new Sharding(ShardingStrategy.FullShard, 0) },
+            "batch" => plan with { MicroBatchSize = -1 },
+            "quantized-full" => plan with { Quantization = Quantization.Nf4 },
+            "positions" => Tiny.Plan(Tiny.Opt()) with { SequenceLength = 17 },
+            _ => plan with { Lora = new LoraSettings(2, 0, ["q_proj"], 0) },
+        };
+        var error = Assert.Throws<PlanException>(() => MemoryEstimator.Estimate(bad));
+        Assert.False(string.IsNullOrWhiteSpace(error.Message));
+    }
+
+    [Fact]
+    public void RankLimitMessageNamesTheLayer()
+    {
+        var error = Assert.Throws<PlanException>(() =>
+            MemoryEstimator.Estimate(Tiny.Plan() with { Lora = new LoraSettings(9, 18, ["k_proj"], 0) }));
+        Assert.Contains("k_proj", error.Message);
+        Assert.Contains("at most 8", error.Message);
+    }
+
+    [Fact]
+    public void AllLinearTargetsEveryDecoderLinear()
+    {
+        var plan = Tiny.Plan() with { Lora = new LoraSettings(1, 2, [LoraSettings.AllLinear], 0) };
+        // Rank 1: sum over the 7 linears of (in + out) = 32 + 24 + 24 + 32 + 56 + 56 + 56 = 280 per layer; 560.
+        Assert.Equal(560, MemoryEstimator.Estimate(plan).TrainableParameterCount);
+    }
+}
