@@ -1,4 +1,5 @@
 using FrugalLM.Models.Llama;
+using FrugalLM.Native;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -43,7 +44,7 @@ public sealed class TokenGenerator(LlamaForCausalLM model)
             int next;
             // Grad mode is per thread and an iterator resumes on its caller's thread, so it is entered per
             // step rather than held across yields.
-            using (NewDisposeScope())
+            using (StepScope.Begin())
             using (no_grad())
             {
                 using var ids = tensor(input, [1, input.Length]);

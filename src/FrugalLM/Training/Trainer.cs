@@ -179,7 +179,7 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
     /// </summary>
     public (double Loss, double GradNorm) Step(AdamW optimizer, IReadOnlyList<Parameter> trainable, IEnumerable<long[]> microBatches)
     {
-        using var scope = NewDisposeScope();
+        using var step = StepScope.Begin();
         var batches = microBatches.ToList();
         optimizer.ZeroGrad();
         double loss = 0;
@@ -212,7 +212,7 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
         using var noGrad = no_grad();
         foreach (var batch in corpus.EvalBatches(options.MicroBatch).Take(maxBatches > 0 ? maxBatches : int.MaxValue))
         {
-            using var scope = NewDisposeScope();
+            using var step = StepScope.Begin();
             int rows = batch.Length / (corpus.Sequence + 1);
             sum += Loss(batch, rows).item<float>() * rows;
             count += rows;
