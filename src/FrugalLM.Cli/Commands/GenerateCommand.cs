@@ -3,6 +3,7 @@ using System.Globalization;
 using FrugalLM.Inference;
 using FrugalLM.IO;
 using FrugalLM.Native;
+using FrugalLM.Planning;
 using FrugalLM.Tokenization;
 using static TorchSharp.torch;
 
@@ -39,6 +40,11 @@ internal static class GenerateCommand
             var folder = pr.GetValue(model)!;
             var tokenizer = HfTokenizer.Load(folder);
             using var checkpoint = HfCheckpoint.Open(folder);
+            var text = pr.GetValue(prompt) ?? "";
+            int promptTokens = Math.Max(1, tokenizer.Encode(text, addBos: tokenizer.AddBosToken).Count);
+            var report = MemoryReport.Predict(checkpoint.Config, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder)), RunMode.Generate,
+                dtype == ScalarType.BFloat16 ? Precision.Bf16 : Precision.Fp32, 1,
+                Math.Min(checkpoint.Config.MaxPositionEmbeddings, promptTokens + Math.Max(0, pr.GetValue(maxNew))), 1);
             using var llama = new Models.Llama.LlamaForCausalLM(checkpoint.Config, dtype);
             checkpoint.LoadInto(llama);
             llama.eval();
@@ -58,7 +64,6 @@ internal static class GenerateCommand
             {
                 CliRunner.Status($"seed {chosenSeed} (pass --seed {chosenSeed} to repeat)");
             }
-            var text = pr.GetValue(prompt) ?? "";
             Console.Out.Write(text);
             var result = new TextGenerator(llama, tokenizer).Generate(text, options, pr.GetValue(stop), piece =>
             {
@@ -68,6 +73,7 @@ internal static class GenerateCommand
             Console.Out.WriteLine();
             CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
                 $"[{result.NewTokens} tokens, stop: {result.StopReason}; prefill {result.PromptTokens} tokens {result.PrefillTime.TotalMilliseconds:F0} ms, decode {result.DecodeTokensPerSecond:F1} tokens/s; peak memory {MemoryProbe.Mib(MemoryProbe.PeakBytes)}]"));
+            CliRunner.Status(report.ComparisonLine(MemoryProbe.PeakBytes));
             return ExitCodes.Ok;
         }));
         return command;

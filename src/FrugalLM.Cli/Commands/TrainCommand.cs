@@ -36,6 +36,7 @@ internal static class TrainCommand
         var evalEvery = new Option<int>("--eval-every") { Description = "Held-out evaluation every N steps (and at the end)", DefaultValueFactory = _ => 0 };
         var evalBatches = new Option<int>("--eval-batches") { Description = "Held-out batches per evaluation; 0 = all", DefaultValueFactory = _ => 0 };
         var saveEvery = new Option<int>("--save-every") { Description = "Save the model every N steps (and at the end)", DefaultValueFactory = _ => 0 };
+        var logEvery = new Option<int>("--log-every") { Description = "Print progress every N steps", DefaultValueFactory = _ => 10 };
         var seed = new Option<int>("--seed") { Description = "Seed of weight initialization and data order", DefaultValueFactory = _ => 0 };
         var saveDtype = new Option<string>("--save-dtype") { Description = "Dtype of saved weights: float32, bfloat16 or float16", DefaultValueFactory = _ => "float32" };
         var samplePrompt = new Option<string?>("--sample-prompt") { Description = "Print a sample continuation of this prompt before and after training" };
@@ -43,7 +44,7 @@ internal static class TrainCommand
         var command = new Command("train", "Train a LLaMA model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, lr, warmup, weightDecay, clip,
-            evalEvery, evalBatches, saveEvery, seed, saveDtype, samplePrompt, threads,
+            evalEvery, evalBatches, saveEvery, logEvery, seed, saveDtype, samplePrompt, threads,
         };
         command.SetAction(pr => CliRunner.Run(() =>
         {
@@ -65,43 +66,44 @@ internal static class TrainCommand
                 ? tokenizer.EosTokenIds[0]
                 : throw new ArgumentException($"the tokenizer in {tokenizerSource} defines no EOS token to separate documents");
 
-            LlamaForCausalLM llama;
-            GenerationConfig generation;
-            if (modelFolder is not null)
+            // The architecture first (headers only), then the data, then the runtime baseline, and only then the
+            // weights: the baseline is everything the run holds besides the model.
+            using var checkpoint = modelFolder is null ? null : HfCheckpoint.Open(modelFolder);
+            var architecture = checkpoint?.Config ?? LlamaConfig.Load(configFile!) with
             {
-                using var checkpoint = HfCheckpoint.Open(modelFolder);
-                llama = new LlamaForCausalLM(checkpoint.Config);
-                checkpoint.LoadInto(llama);
-                generation = checkpoint.Generation ?? DefaultGeneration(tokenizer);
-            }
-            else
+                BosTokenId = tokenizer.BosTokenId,
+                EosTokenIds = tokenizer.EosTokenIds,
+                PadTokenId = tokenizer.PadTokenId,
+            };
+            if (architecture.VocabSize < tokenizer.VocabSize)
             {
-                var architecture = LlamaConfig.Load(configFile!) with
-                {
-                    BosTokenId = tokenizer.BosTokenId,
-                    EosTokenIds = tokenizer.EosTokenIds,
-                    PadTokenId = tokenizer.PadTokenId,
-                };
-                llama = new LlamaForCausalLM(architecture);
-                llama.InitializeWeights(pr.GetValue(seed));
-                generation = DefaultGeneration(tokenizer);
-            }
-            using var _ = llama;
-            if (llama.Config.VocabSize < tokenizer.VocabSize)
-            {
-                throw new ArgumentException($"the model's vocab_size ({llama.Config.VocabSize}) is smaller than the tokenizer's ({tokenizer.VocabSize})");
+                throw new ArgumentException($"the model's vocab_size ({architecture.VocabSize}) is smaller than the tokenizer's ({tokenizer.VocabSize})");
             }
             int sequence = pr.GetValue(seq);
-            if (sequence > llama.Config.MaxPositionEmbeddings)
+            if (sequence > architecture.MaxPositionEmbeddings)
             {
-                throw new ArgumentException($"--seq {sequence} exceeds the model's max_position_embeddings ({llama.Config.MaxPositionEmbeddings})");
+                throw new ArgumentException($"--seq {sequence} exceeds the model's max_position_embeddings ({architecture.MaxPositionEmbeddings})");
             }
-            CliRunner.Status($"model: {llama.Config}");
+            CliRunner.Status($"model: {architecture}");
 
             var corpus = LoadCorpus(pr.GetValue(data)!, tokenizer, eos, sequence);
             CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
                 $"data: {corpus.Documents} documents, {corpus.TokenCount:N0} tokens, {corpus.TrainBlocks} training and {corpus.EvalBlocks} held-out sequences of {sequence}"));
 
+            var report = MemoryReport.Predict(architecture, Path.GetFileName(Path.TrimEndingDirectorySeparator(outFolder)), RunMode.Train, Precision.Fp32,
+                pr.GetValue(batch), sequence, pr.GetValue(accumulation));
+            CliRunner.Status(report.PredictionLine());
+
+            using var llama = new LlamaForCausalLM(architecture);
+            if (checkpoint is not null)
+            {
+                checkpoint.LoadInto(llama);
+            }
+            else
+            {
+                llama.InitializeWeights(pr.GetValue(seed));
+            }
+            var generation = checkpoint?.Generation ?? DefaultGeneration(tokenizer);
             var prompt = pr.GetValue(samplePrompt);
             if (prompt is not null)
             {
@@ -119,6 +121,7 @@ internal static class TrainCommand
                 EvalEvery = pr.GetValue(evalEvery),
                 EvalBatches = pr.GetValue(evalBatches),
                 SaveEvery = pr.GetValue(saveEvery),
+                LogEvery = pr.GetValue(logEvery),
                 Seed = pr.GetValue(seed),
             };
             options.Validate();
@@ -129,6 +132,7 @@ internal static class TrainCommand
             {
                 Sample("after", llama, tokenizer, prompt);
             }
+            CliRunner.Status(report.ComparisonLine(result.PeakBytes));
             Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"done: {result.Steps} steps in {result.Elapsed.TotalMinutes:F1} min; train loss {result.FinalLoss:F3}; held-out loss {result.EvalLoss:F3} (perplexity {result.EvalPerplexity:F2}); {result.TokensPerSecond:F0} tokens/s; peak memory {MemoryProbe.Mib(result.PeakBytes)}; saved to {outFolder}"));
             return ExitCodes.Ok;

@@ -1,0 +1,57 @@
+using System.Globalization;
+using FrugalLM.Native;
+using FrugalLM.Planning;
+
+namespace FrugalLM.Cli;
+
+/// <summary>
+/// Predicted versus measured memory of a run: the plan the command is about to execute goes through the
+/// estimator (the same <see cref="RunPlan"/> the runtime reads), and the run's measured peak (VmHWM after a
+/// reset) is compared with it at the end. The runtime baseline (libtorch, .NET, tokenizer and data, no
+/// model) is measured first and counted on both sides.
+/// </summary>
+internal sealed class MemoryReport
+{
+    private MemoryReport(RunPlan plan, MemoryEstimate estimate)
+    {
+        Plan = plan;
+        Estimate = estimate;
+    }
+
+    public RunPlan Plan { get; }
+
+    public MemoryEstimate Estimate { get; }
+
+    /// <summary>Builds and estimates the plan of a CPU run, with the baseline measured now.</summary>
+    public static MemoryReport Predict(LlamaConfig config, string name, RunMode mode, Precision precision, int microBatch, int sequence, int accumulation)
+    {
+        var plan = new RunPlan
+        {
+            Model = ModelSpec.FromLlama(config, name),
+            Mode = mode,
+            Precision = precision,
+            Optimizer = mode == RunMode.Train ? OptimizerKind.AdamW : OptimizerKind.None,
+            MicroBatchSize = microBatch,
+            SequenceLength = sequence,
+            GradientAccumulationSteps = accumulation,
+            Device = ComputeDevice.Cpu,
+            Overhead = new FrameworkOverhead(0, MemoryProbe.CurrentBytes),
+        };
+        return new MemoryReport(plan, MemoryEstimator.Estimate(plan));
+    }
+
+    /// <summary>One line: the plan and its predicted peak.</summary>
+    public string PredictionLine() => string.Create(CultureInfo.InvariantCulture,
+        $"memory: predicted peak {Mib(Estimate.DeviceBytes)} for {Plan.Describe()}, micro-batch {Plan.MicroBatchSize} x {Plan.SequenceLength} (runtime baseline {Mib(Plan.Overhead.RuntimeBaselineBytes)} included)");
+
+    /// <summary>One line: predicted against a measured peak.</summary>
+    public string ComparisonLine(long measuredPeak)
+    {
+        long baseline = Plan.Overhead.RuntimeBaselineBytes;
+        long predicted = Estimate.DeviceBytes - baseline, measured = measuredPeak - baseline;
+        return string.Create(CultureInfo.InvariantCulture,
+            $"memory: predicted peak {Mib(Estimate.DeviceBytes)}, measured {Mib(measuredPeak)}; above the {Mib(baseline)} baseline: predicted {Mib(predicted)}, measured {Mib(measured)} ({(measured - predicted) * 100.0 / Math.Max(1, predicted):+0.0;-0.0}%)");
+    }
+
+    private static string Mib(long bytes) => MemoryProbe.Mib(bytes);
+}

@@ -1,0 +1,35 @@
+using System.Diagnostics;
+
+namespace FrugalLM.Tests.Cli;
+
+/// <summary>Runs the real <c>frugal</c> executable (built next to the tests) as a child process.</summary>
+internal static class FrugalProcess
+{
+    public static (int Exit, string Out, string Err) Run(params string[] args)
+    {
+        var start = new ProcessStartInfo("dotnet")
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+        };
+        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "frugal.dll"));
+        foreach (var a in args)
+        {
+            start.ArgumentList.Add(a);
+        }
+        start.Environment.Remove("TERM");
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        if (!process.WaitForExit(TimeSpan.FromMinutes(5)))
+        {
+            process.Kill(entireProcessTree: true);
+            throw new TimeoutException("frugal " + string.Join(' ', args) + " did not finish in 5 minutes");
+        }
+        return (process.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>The bundled default model.</summary>
+    public static string BundledModel => Path.Combine(TestSupport.RepoRoot, "models", "frugal-kjv-17m");
+}

@@ -1,0 +1,46 @@
+using FrugalLM.IO;
+
+namespace FrugalLM.Tests.Cli;
+
+public sealed class TrainCommandTests
+{
+    [Fact]
+    public void TrainsFromAConfigAndWritesAReloadableSelfContainedFolder()
+    {
+        using var dir = TestSupport.TempDir();
+        var config = Path.Combine(dir.Path, "config.json");
+        File.WriteAllText(config, (TestSupport.TinyConfig() with { VocabSize = 50257 }).ToJson().ToJsonString());
+        var data = Path.Combine(dir.Path, "data.jsonl");
+        var random = new Random(3);
+        var words = new[] { "light", "earth", "water", "day", "night", "God", "said", "and", "the", "was" };
+        File.WriteAllLines(data, Enumerable.Range(0, 60).Select(_ =>
+            "{\"text\": \"" + string.Join(' ', Enumerable.Range(0, 40).Select(_ => words[random.Next(words.Length)])) + "\"}"));
+        var output = Path.Combine(dir.Path, "out");
+        var (exit, stdout, stderr) = FrugalProcess.Run("train", "--config", config, "--data", data, "--out", output,
+            "--steps", "6", "--batch", "2", "--seq", "32", "--lr", "1e-3", "--log-every", "3", "--sample-prompt", "God said");
+        Assert.True(exit == 0, stderr);
+        Assert.Contains("sample before: God said", stdout);
+        Assert.Contains("sample after: God said", stdout);
+        Assert.Contains("held-out loss", stdout);
+        foreach (var file in new[] { "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_log.jsonl" })
+        {
+            Assert.True(File.Exists(Path.Combine(output, file)), file);
+        }
+        using var model = HfCheckpoint.LoadModel(output);
+        Assert.Equal(50257, model.Config.VocabSize);
+        var generated = FrugalProcess.Run("generate", "--model", output, "--prompt", "God", "--max-new-tokens", "5", "--temperature", "0");
+        Assert.Equal(0, generated.Exit);
+    }
+
+    [Fact]
+    public void BadArgumentsExitTwoWithAMessage()
+    {
+        using var dir = TestSupport.TempDir();
+        var both = FrugalProcess.Run("train", "--data", "x", "--out", dir.Path, "--steps", "1");
+        Assert.Equal(2, both.Exit);
+        Assert.Contains("--model", both.Err);
+        var missingData = FrugalProcess.Run("train", "--model", FrugalProcess.BundledModel, "--data", Path.Combine(dir.Path, "none.txt"), "--out", dir.Path, "--steps", "1");
+        Assert.Equal(2, missingData.Exit);
+        Assert.Contains("none.txt", missingData.Err);
+    }
+}
