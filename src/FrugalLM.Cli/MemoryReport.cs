@@ -22,22 +22,11 @@ internal sealed class MemoryReport
 
     public MemoryEstimate Estimate { get; }
 
-    /// <summary>Builds and estimates the plan of a CPU run, with the baseline measured now.</summary>
-    public static MemoryReport Predict(LlamaConfig config, string name, RunMode mode, Precision precision, int microBatch, int sequence, int accumulation)
+    /// <summary>Estimates <paramref name="plan"/> as a CPU run, with the runtime baseline measured now.</summary>
+    public static MemoryReport Predict(RunPlan plan)
     {
-        var plan = new RunPlan
-        {
-            Model = ModelSpec.FromLlama(config, name),
-            Mode = mode,
-            Precision = precision,
-            Optimizer = mode == RunMode.Train ? OptimizerKind.AdamW : OptimizerKind.None,
-            MicroBatchSize = microBatch,
-            SequenceLength = sequence,
-            GradientAccumulationSteps = accumulation,
-            Device = ComputeDevice.Cpu,
-            Overhead = new FrameworkOverhead(0, MemoryProbe.CurrentBytes),
-        };
-        return new MemoryReport(plan, MemoryEstimator.Estimate(plan));
+        var measured = plan with { Device = ComputeDevice.Cpu, Overhead = new FrameworkOverhead(0, MemoryProbe.CurrentBytes) };
+        return new MemoryReport(measured, MemoryEstimator.Estimate(measured));
     }
 
     /// <summary>One line: the plan and its predicted peak.</summary>

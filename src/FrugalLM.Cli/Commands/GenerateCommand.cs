@@ -9,6 +9,10 @@ using static TorchSharp.torch;
 
 namespace FrugalLM.Cli.Commands;
 
+// The runtime has namespaces FrugalLM.Precision and FrugalLM.Checkpointing; these names mean the plan types.
+using Checkpointing = FrugalLM.Planning.Checkpointing;
+using Precision = FrugalLM.Planning.Precision;
+
 /// <summary><c>frugal generate</c>: continue a prompt with a model folder.</summary>
 internal static class GenerateCommand
 {
@@ -22,7 +26,7 @@ internal static class GenerateCommand
         var topP = new Option<double?>("--top-p") { Description = "Nucleus sampling mass in (0, 1]; 1 = all" };
         var seed = new Option<long?>("--seed") { Description = "Sampling seed: the same seed prints the same text (default: random, printed)" };
         var stop = new Option<string[]>("--stop") { Description = "Stop before this string (repeatable)", AllowMultipleArgumentsPerToken = false };
-        var precision = new Option<string>("--precision") { Description = "Weights and compute: fp32 or bf16 (bf16 halves weight memory; AVX-512 BF16 computes it natively)", DefaultValueFactory = _ => "fp32" };
+        var precision = new Option<string>("--precision") { Description = "fp32; bf16 (half the weight memory, computed natively with AVX-512 BF16); fp16 (half the weight memory, the article's model.half(): this CPU has no fp16 arithmetic, so fp16 is a storage format and matmuls run in fp32)", DefaultValueFactory = _ => "fp32" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
         var command = new Command("generate", "Continue a prompt, streaming the text to stdout (stats go to stderr)")
         {
@@ -31,22 +35,31 @@ internal static class GenerateCommand
         command.SetAction(pr => CliRunner.Run(() =>
         {
             TorchRuntime.Initialize(pr.GetValue(threads));
-            var dtype = pr.GetValue(precision) switch
+            var mode = PlanNames.ParsePrecision(pr.GetValue(precision)!);
+            if (mode == Precision.Bf16Pure)
             {
-                "fp32" => ScalarType.Float32,
-                "bf16" => ScalarType.BFloat16,
-                var other => throw new ArgumentException($"--precision must be fp32 or bf16 (got '{other}')"),
-            };
+                throw new ArgumentException("--precision for generation is fp32, bf16 or fp16");
+            }
             var folder = pr.GetValue(model)!;
             var tokenizer = HfTokenizer.Load(folder);
             using var checkpoint = HfCheckpoint.Open(folder);
             var text = pr.GetValue(prompt) ?? "";
             int promptTokens = Math.Max(1, tokenizer.Encode(text, addBos: tokenizer.AddBosToken).Count);
-            var report = MemoryReport.Predict(checkpoint.Config, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder)), RunMode.Generate,
-                dtype == ScalarType.BFloat16 ? Precision.Bf16 : Precision.Fp32, 1,
-                Math.Min(checkpoint.Config.MaxPositionEmbeddings, promptTokens + Math.Max(0, pr.GetValue(maxNew))), 1);
-            using var llama = new Models.Llama.LlamaForCausalLM(checkpoint.Config, dtype);
+            var plan = new RunPlan
+            {
+                Model = ModelSpec.FromLlama(checkpoint.Config, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder))),
+                Mode = RunMode.Generate,
+                Precision = mode,
+                Optimizer = OptimizerKind.None,
+                MicroBatchSize = 1,
+                SequenceLength = Math.Min(checkpoint.Config.MaxPositionEmbeddings, promptTokens + Math.Max(0, pr.GetValue(maxNew))),
+                Device = ComputeDevice.Cpu,
+            };
+            var report = MemoryReport.Predict(plan);
+            // Weights are read straight into the plan's dtype; the plan's techniques do the rest.
+            using var llama = new Models.Llama.LlamaForCausalLM(checkpoint.Config, mode == Precision.Fp32 ? ScalarType.Float32 : mode == Precision.Bf16 ? ScalarType.BFloat16 : ScalarType.Float16);
             checkpoint.LoadInto(llama);
+            using var mixed = Techniques.Apply(llama, plan);
             llama.eval();
             var defaults = checkpoint.Generation;
             bool sample = defaults?.DoSample ?? false;

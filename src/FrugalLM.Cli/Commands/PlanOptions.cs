@@ -4,6 +4,10 @@ using FrugalLM.Planning;
 
 namespace FrugalLM.Cli.Commands;
 
+// The runtime has namespaces FrugalLM.Precision and FrugalLM.Checkpointing; these names mean the plan types.
+using Checkpointing = FrugalLM.Planning.Checkpointing;
+using Precision = FrugalLM.Planning.Precision;
+
 /// <summary>
 /// The options that describe a <see cref="RunPlan"/>, shared by every command that builds one (estimate now,
 /// train later), so a plan is spelled the same way everywhere.

@@ -8,11 +8,14 @@ using FrugalLM.Planning;
 using FrugalLM.Tokenization;
 using FrugalLM.Training;
 using Spectre.Console;
-using static TorchSharp.torch;
 
 namespace FrugalLM.Cli.Commands;
 
-/// <summary><c>frugal train</c>: train from scratch (<c>--config</c>) or continue training (<c>--model</c>) on a text corpus.</summary>
+// The runtime has namespaces FrugalLM.Precision and FrugalLM.Checkpointing; these names mean the plan types.
+using Checkpointing = FrugalLM.Planning.Checkpointing;
+using Precision = FrugalLM.Planning.Precision;
+
+/// <summary><c>frugal train</c>: train from scratch (<c>--config</c>) or continue training (<c>--model</c>) on a corpus.</summary>
 internal static class TrainCommand
 {
     private static readonly string[] TokenizerFiles =
@@ -23,19 +26,25 @@ internal static class TrainCommand
         var model = new Option<string?>("--model") { Description = "Continue training this Hugging Face model folder" };
         var config = new Option<string?>("--config") { Description = "Train from scratch: an HF config.json describing the architecture" };
         var tokenizerOption = new Option<string?>("--tokenizer") { Description = "Tokenizer folder, or 'gpt2' (GPT-2 BPE, bundled); default: the model's, or gpt2 with --config" };
-        var data = new Option<string>("--data") { Description = "Text file, JSONL file with a \"text\" field, or a folder of them", Required = true };
-        var output = new Option<string>("--out") { Description = "Output folder: an HF model folder (weights, configs, tokenizer) and train_log.jsonl", Required = true };
+        var data = new Option<string>("--data") { Description = "Text file, JSONL (\"text\", or \"prompt\" + \"completion\": loss on completions only), or a folder of them", Required = true };
+        var output = new Option<string>("--out") { Description = "Output folder: an HF model folder (weights, configs, tokenizer), train_log.jsonl, checkpoints/", Required = true };
         var steps = new Option<int>("--steps") { Description = "Optimizer steps", Required = true };
         var batch = new Option<int>("--batch") { Description = "Sequences per micro-batch", DefaultValueFactory = _ => 8 };
         var seq = new Option<int>("--seq") { Description = "Tokens per sequence", DefaultValueFactory = _ => 256 };
-        var accumulation = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
+        var accumulation = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step (the loss is normalized over the step's tokens)", DefaultValueFactory = _ => 1 };
+        var precision = new Option<string>("--precision") { Description = "fp32; bf16 or fp16 (16-bit compute, fp32 masters; fp16 adds loss scaling and, on a CPU, computes matmuls in fp32); bf16-pure (bf16 weights and optimizer, no masters)", DefaultValueFactory = _ => "fp32" };
+        var gradCheckpointing = new Option<bool>("--grad-checkpointing") { Description = "Keep only decoder-layer inputs and recompute the layers in backward" };
+        var checkpointEvery = new Option<int>("--checkpoint-every") { Description = "With --grad-checkpointing: layers per recomputed segment", DefaultValueFactory = _ => 1 };
+        var lossChunk = new Option<int>("--loss-chunk") { Description = "Compute the LM head and loss over chunks of this many tokens, never materializing all logits (0: all at once)", DefaultValueFactory = _ => 0 };
         var lr = new Option<double>("--lr") { Description = "Peak learning rate (warm-up, then cosine decay to a tenth)", DefaultValueFactory = _ => 3e-4 };
         var warmup = new Option<int?>("--warmup") { Description = "Warm-up steps (default: 5% of --steps)" };
         var weightDecay = new Option<double>("--weight-decay") { Description = "AdamW weight decay (matrices and embeddings only)", DefaultValueFactory = _ => 0.1 };
         var clip = new Option<double>("--grad-clip") { Description = "Clip the global gradient norm; 0 = off", DefaultValueFactory = _ => 1.0 };
         var evalEvery = new Option<int>("--eval-every") { Description = "Held-out evaluation every N steps (and at the end)", DefaultValueFactory = _ => 0 };
         var evalBatches = new Option<int>("--eval-batches") { Description = "Held-out batches per evaluation; 0 = all", DefaultValueFactory = _ => 0 };
-        var saveEvery = new Option<int>("--save-every") { Description = "Save the model every N steps (and at the end)", DefaultValueFactory = _ => 0 };
+        var saveEvery = new Option<int>("--save-every") { Description = "Save the HF model folder every N steps (and at the end)", DefaultValueFactory = _ => 0 };
+        var stateEvery = new Option<int>("--state-every") { Description = "Write a resumable checkpoint (weights, optimizer, scaler, RNG, data position) every N steps into OUT/checkpoints", DefaultValueFactory = _ => 0 };
+        var resume = new Option<bool>("--resume") { Description = "Continue from the newest checkpoint in OUT/checkpoints (same arguments as the interrupted run)" };
         var logEvery = new Option<int>("--log-every") { Description = "Print progress every N steps", DefaultValueFactory = _ => 10 };
         var seed = new Option<int>("--seed") { Description = "Seed of weight initialization and data order", DefaultValueFactory = _ => 0 };
         var saveDtype = new Option<string>("--save-dtype") { Description = "Dtype of saved weights: float32, bfloat16 or float16", DefaultValueFactory = _ => "float32" };
@@ -43,8 +52,9 @@ internal static class TrainCommand
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
         var command = new Command("train", "Train a LLaMA model on a text corpus and save it as a Hugging Face folder")
         {
-            model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, lr, warmup, weightDecay, clip,
-            evalEvery, evalBatches, saveEvery, logEvery, seed, saveDtype, samplePrompt, threads,
+            model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, checkpointEvery,
+            lossChunk, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
+            samplePrompt, threads,
         };
         command.SetAction(pr => CliRunner.Run(() =>
         {
@@ -79,19 +89,32 @@ internal static class TrainCommand
             {
                 throw new ArgumentException($"the model's vocab_size ({architecture.VocabSize}) is smaller than the tokenizer's ({tokenizer.VocabSize})");
             }
-            int sequence = pr.GetValue(seq);
-            if (sequence > architecture.MaxPositionEmbeddings)
+            var plan = new RunPlan
             {
-                throw new ArgumentException($"--seq {sequence} exceeds the model's max_position_embeddings ({architecture.MaxPositionEmbeddings})");
+                Model = ModelSpec.FromLlama(architecture, Path.GetFileName(Path.TrimEndingDirectorySeparator(outFolder))),
+                Mode = RunMode.Train,
+                Precision = PlanNames.ParsePrecision(pr.GetValue(precision)!),
+                Checkpointing = pr.GetValue(gradCheckpointing) ? new Checkpointing(pr.GetValue(checkpointEvery)) : Checkpointing.None,
+                Loss = pr.GetValue(lossChunk) > 0 ? new LossComputation(true, pr.GetValue(lossChunk)) : LossComputation.Full,
+                MicroBatchSize = pr.GetValue(batch),
+                SequenceLength = pr.GetValue(seq),
+                GradientAccumulationSteps = pr.GetValue(accumulation),
+                Device = ComputeDevice.Cpu,
+            };
+            foreach (var warning in plan.Validate())
+            {
+                CliRunner.Status($"warning: {warning}");
+            }
+            if (plan.SequenceLength > architecture.MaxPositionEmbeddings)
+            {
+                throw new ArgumentException($"--seq {plan.SequenceLength} exceeds the model's max_position_embeddings ({architecture.MaxPositionEmbeddings})");
             }
             CliRunner.Status($"model: {architecture}");
 
-            var corpus = LoadCorpus(pr.GetValue(data)!, tokenizer, eos, sequence);
-            CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
-                $"data: {corpus.Documents} documents, {corpus.TokenCount:N0} tokens, {corpus.TrainBlocks} training and {corpus.EvalBlocks} held-out sequences of {sequence}"));
+            var corpus = LoadData(pr.GetValue(data)!, tokenizer, eos, tokenizer.PadTokenId ?? eos, plan.SequenceLength);
+            CliRunner.Status($"data: {corpus.Describe()}");
 
-            var report = MemoryReport.Predict(architecture, Path.GetFileName(Path.TrimEndingDirectorySeparator(outFolder)), RunMode.Train, Precision.Fp32,
-                pr.GetValue(batch), sequence, pr.GetValue(accumulation));
+            var report = MemoryReport.Predict(plan);
             CliRunner.Status(report.PredictionLine());
 
             using var llama = new LlamaForCausalLM(architecture);
@@ -109,11 +132,13 @@ internal static class TrainCommand
             {
                 Sample("before", llama, tokenizer, prompt);
             }
+            using var mixed = Techniques.Apply(llama, plan);
             var options = new TrainOptions
             {
                 Steps = pr.GetValue(steps),
-                MicroBatch = pr.GetValue(batch),
-                GradientAccumulation = pr.GetValue(accumulation),
+                MicroBatch = plan.MicroBatchSize,
+                GradientAccumulation = plan.GradientAccumulationSteps,
+                LossChunk = plan.Loss.Chunked ? plan.Loss.ChunkTokens : 0,
                 LearningRate = pr.GetValue(lr),
                 WarmupSteps = pr.GetValue(warmup),
                 WeightDecay = pr.GetValue(weightDecay),
@@ -123,16 +148,25 @@ internal static class TrainCommand
                 SaveEvery = pr.GetValue(saveEvery),
                 LogEvery = pr.GetValue(logEvery),
                 Seed = pr.GetValue(seed),
+                CheckpointEvery = pr.GetValue(stateEvery),
+                CheckpointFolder = Path.Combine(outFolder, "checkpoints"),
             };
-            options.Validate();
+            var trainer = new Trainer(llama, corpus, options, mixed);
+            if (pr.GetValue(resume))
+            {
+                var latest = TrainingCheckpoint.Latest(options.CheckpointFolder!)
+                    ?? throw new ArgumentException($"--resume: no checkpoint in {options.CheckpointFolder}");
+                TrainingCheckpoint.Load(trainer, latest);
+                CliRunner.Status($"resumed from {latest} at step {trainer.StepsDone}");
+            }
             generation.Save(outFolder);
-            var trainer = new Trainer(llama, corpus, options);
-            var result = RunWithProgress(trainer, options, _ => HfCheckpoint.Save(llama, outFolder, savedAs, generation), outFolder);
+            var result = RunWithProgress(trainer, options, _ => HfCheckpoint.Save(llama, outFolder, savedAs, generation, sources: mixed.Masters), outFolder, pr.GetValue(resume));
             if (prompt is not null)
             {
                 Sample("after", llama, tokenizer, prompt);
             }
             CliRunner.Status(report.ComparisonLine(result.PeakBytes));
+            LossCurve.Write(Path.Combine(outFolder, "train_log.jsonl"), Path.Combine(outFolder, "loss.png"));
             Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"done: {result.Steps} steps in {result.Elapsed.TotalMinutes:F1} min; train loss {result.FinalLoss:F3}; held-out loss {result.EvalLoss:F3} (perplexity {result.EvalPerplexity:F2}); {result.TokensPerSecond:F0} tokens/s; peak memory {MemoryProbe.Mib(result.PeakBytes)}; saved to {outFolder}"));
             return ExitCodes.Ok;
@@ -140,16 +174,16 @@ internal static class TrainCommand
         return command;
     }
 
-    private static TrainResult RunWithProgress(Trainer trainer, TrainOptions options, Action<int> save, string outFolder)
+    private static TrainResult RunWithProgress(Trainer trainer, TrainOptions options, Action<int> save, string outFolder, bool append)
     {
-        using var log = new StreamWriter(Path.Combine(outFolder, "train_log.jsonl"), append: false);
+        using var log = new StreamWriter(Path.Combine(outFolder, "train_log.jsonl"), append);
         void Record(TrainProgress p)
         {
             log.WriteLine(System.Text.Json.JsonSerializer.Serialize(p));
             log.Flush();
         }
         static string Line(TrainProgress p) => string.Create(CultureInfo.InvariantCulture,
-            $"step {p.Step}/{p.TotalSteps} loss {p.Loss:F4}{(p.EvalLoss is double e ? $" held-out {e:F4} (ppl {Math.Exp(e):F2})" : "")} lr {p.LearningRate:E2} grad-norm {p.GradNorm:F2} {p.TokensPerSecond:F0} tok/s mem {MemoryProbe.Mib(p.ResidentBytes)} ({p.Elapsed:hh\\:mm\\:ss})");
+            $"step {p.Step}/{p.TotalSteps} loss {p.Loss:F4}{(p.EvalLoss is double e ? $" held-out {e:F4} (ppl {Math.Exp(e):F2})" : "")} lr {p.LearningRate:E2} grad-norm {p.GradNorm:F2}{(p.LossScale is double s ? $" scale {s:G4} skipped {p.SkippedSteps}" : "")} {p.TokensPerSecond:F0} tok/s mem {MemoryProbe.Mib(p.ResidentBytes)} ({p.Elapsed:hh\\:mm\\:ss})");
         if (!CliRunner.Interactive)
         {
             return trainer.Run(p =>
@@ -164,6 +198,7 @@ internal static class TrainCommand
             .Start(ctx =>
             {
                 var task = ctx.AddTask("training", maxValue: options.Steps);
+                task.Value = trainer.StepsDone;
                 result = trainer.Run(p =>
                 {
                     task.Value = p.Step;
@@ -178,22 +213,22 @@ internal static class TrainCommand
         return result!;
     }
 
-    private static TokenCorpus LoadCorpus(string path, HfTokenizer tokenizer, int eos, int sequence)
+    private static ITrainingData LoadData(string path, HfTokenizer tokenizer, int eos, int pad, int sequence)
     {
         Func<string, IReadOnlyList<int>> encode = text => tokenizer.Encode(text, addBos: false);
         if (!CliRunner.Interactive)
         {
             CliRunner.Status($"tokenizing {path} ...");
-            return TokenCorpus.Load(path, encode, eos, sequence);
+            return TrainingData.Load(path, encode, eos, pad, sequence);
         }
-        TokenCorpus? corpus = null;
+        ITrainingData? data = null;
         AnsiConsole.Progress().Start(ctx =>
         {
             var task = ctx.AddTask("tokenizing", maxValue: 1.0);
-            corpus = TokenCorpus.Load(path, encode, eos, sequence, new Progress<double>(f => task.Value = f));
+            data = TrainingData.Load(path, encode, eos, pad, sequence, new Progress<double>(f => task.Value = f));
             task.Value = 1.0;
         });
-        return corpus!;
+        return data!;
     }
 
     private static void Sample(string label, LlamaForCausalLM model, HfTokenizer tokenizer, string prompt)

@@ -140,7 +140,14 @@ public sealed class HfCheckpoint : IDisposable
     /// come first and config.json last, and weight files of an earlier save that the new one does not use
     /// are removed at the end.
     /// </summary>
-    public static void Save(LlamaForCausalLM model, string folder, ScalarType? dtype = null, GenerationConfig? generation = null, long maxShardBytes = 2L << 30)
+    /// <param name="model">The model.</param>
+    /// <param name="folder">The output folder.</param>
+    /// <param name="dtype">Dtype of the saved weights (default: the model's).</param>
+    /// <param name="generation">Generation defaults to write beside the weights.</param>
+    /// <param name="maxShardBytes">Largest shard.</param>
+    /// <param name="sources">Tensors to save instead of the model's own, by name (mixed precision's fp32 masters).</param>
+    public static void Save(LlamaForCausalLM model, string folder, ScalarType? dtype = null, GenerationConfig? generation = null, long maxShardBytes = 2L << 30,
+        IEnumerable<(string Name, Tensor Tensor)>? sources = null)
     {
         Directory.CreateDirectory(folder);
         var type = dtype ?? model.Dtype;
@@ -150,7 +157,8 @@ public sealed class HfCheckpoint : IDisposable
             ScalarType.Float16 or ScalarType.BFloat16 => 2,
             _ => throw new ArgumentException($"weights can be saved as float32, float16 or bfloat16, not {type}", nameof(dtype)),
         };
-        var parameters = model.named_parameters().ToList();
+        var replaced = (sources ?? []).ToDictionary(s => s.Name, s => s.Tensor);
+        var parameters = model.named_parameters().Select(p => (p.name, replaced.GetValueOrDefault(p.name) ?? p.parameter)).ToList();
         var shards = new List<List<(string Name, Tensor Tensor)>> { new() };
         long shardBytes = 0, totalBytes = 0;
         foreach (var (name, parameter) in parameters)

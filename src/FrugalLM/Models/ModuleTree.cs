@@ -15,6 +15,9 @@ namespace FrugalLM.Models;
 /// </summary>
 public static class ModuleTree
 {
+    private static readonly FieldInfo Parameters = typeof(nn.Module).GetField("_internal_params", BindingFlags.NonPublic | BindingFlags.Instance)
+        ?? throw new MissingFieldException("TorchSharp's Module._internal_params (ModuleTree needs it to replace parameters)");
+
     private static readonly FieldInfo Registry = typeof(nn.Module).GetField("_internal_submodules", BindingFlags.NonPublic | BindingFlags.Instance)
         ?? throw new MissingFieldException("TorchSharp's Module._internal_submodules (ModuleTree needs it to replace submodules)");
 
@@ -39,6 +42,17 @@ public static class ModuleTree
         var parent = Get(root, dot < 0 ? "" : path[..dot]);
         var name = path[(dot + 1)..];
         var previous = Get(root, path);
+        if (parent is ITransparentWrapper wrapper)
+        {
+            // The wrapper's forward runs its inner module, which reads its own field.
+            SetChild(wrapper.Inner, name, replacement, path);
+        }
+        SetChild(parent, name, replacement, path);
+        return previous;
+    }
+
+    private static void SetChild(nn.Module parent, string name, nn.Module replacement, string path)
+    {
         var parentType = parent.GetType();
         if (parentType.IsGenericType && parentType.GetGenericTypeDefinition() == typeof(ModuleList<>))
         {
@@ -51,7 +65,7 @@ public static class ModuleTree
             }
             indexer.SetValue(parent, replacement, [int.Parse(name, System.Globalization.CultureInfo.InvariantCulture)]);
         }
-        else
+        else if (parent is not ITransparentWrapper)
         {
             var field = FindField(parentType, name)
                 ?? throw new ArgumentException($"{parentType.Name} keeps '{name}' in no field that can be replaced");
@@ -63,7 +77,26 @@ public static class ModuleTree
         }
         var registry = (OrderedDict<string, nn.Module>)Registry.GetValue(parent)!;
         registry[name] = replacement;
-        return previous;
+    }
+
+    /// <summary>
+    /// Puts <paramref name="value"/> in place of <paramref name="module"/>'s own parameter <paramref name="name"/>
+    /// (for example the same weights in another dtype): through the module's property setter where it has one
+    /// (TorchSharp's built-in layers), else through the field its forward reads and its registry.
+    /// </summary>
+    public static void ReplaceParameter(nn.Module module, string name, Parameter value)
+    {
+        var property = module.GetType().GetProperty(name, BindingFlags.Instance | BindingFlags.Public);
+        if (property is { CanWrite: true } && property.PropertyType.IsAssignableFrom(typeof(Parameter)))
+        {
+            property.SetValue(module, value);
+            return;
+        }
+        var field = FindField(module.GetType(), name)
+            ?? throw new ArgumentException($"{module.GetType().Name} keeps parameter '{name}' in no field that can be replaced");
+        field.SetValue(module, value);
+        var registry = (OrderedDict<string, Parameter>)Parameters.GetValue(module)!;
+        registry[name] = value;
     }
 
     private static FieldInfo? FindField(Type type, string name)

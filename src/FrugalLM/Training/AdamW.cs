@@ -16,11 +16,24 @@ public sealed class AdamW : IDisposable
 {
     private readonly IReadOnlyList<ParameterGroup> groups;
     private readonly Dictionary<Tensor, (Tensor ExpAvg, Tensor ExpAvgSq)> state = new(ReferenceEqualityComparer.Instance);
+    private readonly Func<Tensor, Tensor?> gradientOf;
+    private readonly ScalarType stateDtype;
 
-    /// <summary>Creates the optimizer; moments are allocated lazily, in fp32, at the first step.</summary>
-    public AdamW(IReadOnlyList<ParameterGroup> groups, double learningRate, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8)
+    /// <summary>Creates the optimizer; moments are allocated lazily at the first step.</summary>
+    /// <param name="groups">The parameters it updates.</param>
+    /// <param name="learningRate">Initial learning rate.</param>
+    /// <param name="beta1">First-moment decay.</param>
+    /// <param name="beta2">Second-moment decay.</param>
+    /// <param name="eps">Added to the root of the second moment.</param>
+    /// <param name="gradientOf">Where a parameter's gradient is (default: its <c>grad</c>); mixed precision
+    /// points fp32 masters at their 16-bit model gradients. Gradients of any dtype are widened to fp32.</param>
+    /// <param name="stateDtype">Dtype of the moments (fp32, or bf16 for bf16-pure training).</param>
+    public AdamW(IReadOnlyList<ParameterGroup> groups, double learningRate, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8,
+        Func<Tensor, Tensor?>? gradientOf = null, ScalarType stateDtype = ScalarType.Float32)
     {
         this.groups = groups;
+        this.gradientOf = gradientOf ?? (p => p.grad);
+        this.stateDtype = stateDtype;
         LearningRate = learningRate;
         Beta1 = beta1;
         Beta2 = beta2;
@@ -48,6 +61,9 @@ public sealed class AdamW : IDisposable
     /// <summary>Bytes held by the moments.</summary>
     public long StateBytes => state.Values.Sum(s => s.ExpAvg.numel() * s.ExpAvg.element_size() * 2);
 
+    /// <summary>Bytes per element of the moments.</summary>
+    public int StateElementBytes => stateDtype == ScalarType.Float32 ? 4 : 2;
+
     /// <summary>
     /// Splits named parameters the usual way: matrices and embeddings (2+ dimensions) decay, norm weights
     /// and biases (1 dimension) do not. Parameters that do not require grad are left out.
@@ -62,8 +78,11 @@ public sealed class AdamW : IDisposable
         ];
     }
 
-    /// <summary>Applies one update from the parameters' current gradients (parameters without one are skipped).</summary>
-    public void Step()
+    /// <summary>
+    /// Applies one update from the parameters' current gradients (parameters without one are skipped), each
+    /// multiplied by <paramref name="gradientMultiplier"/> first (loss-scale removal and clipping, fused).
+    /// </summary>
+    public void Step(double gradientMultiplier = 1.0)
     {
         StepCount++;
         double correction1 = 1 - Math.Pow(Beta1, StepCount);
@@ -74,14 +93,20 @@ public sealed class AdamW : IDisposable
         {
             foreach (var (_, parameter) in group.Parameters)
             {
-                var grad = parameter.grad;
+                var grad = gradientOf(parameter);
                 if (grad is null)
                 {
                     continue;
                 }
                 using var scope = NewDisposeScope();
-                var (expAvg, expAvgSq) = State(parameter);
+                var (storedAvg, storedAvgSq) = State(parameter);
+                var expAvg = storedAvg.to(ScalarType.Float32);
+                var expAvgSq = storedAvgSq.to(ScalarType.Float32);
                 var g = grad.to(ScalarType.Float32);
+                if (gradientMultiplier != 1.0)
+                {
+                    g = g * gradientMultiplier;
+                }
                 if (group.WeightDecay != 0)
                 {
                     parameter.mul_(1 - LearningRate * group.WeightDecay);
@@ -97,19 +122,11 @@ public sealed class AdamW : IDisposable
                 {
                     parameter.copy_(parameter.to(ScalarType.Float32).addcdiv_(expAvg, denom, -stepSize));
                 }
-            }
-        }
-    }
-
-    /// <summary>Clears every parameter's gradient.</summary>
-    public void ZeroGrad()
-    {
-        foreach (var (_, parameter) in groups.SelectMany(g => g.Parameters))
-        {
-            if (parameter.grad is Tensor grad)
-            {
-                using var noGrad = no_grad();
-                grad.zero_();
+                if (stateDtype != ScalarType.Float32)
+                {
+                    storedAvg.copy_(expAvg);
+                    storedAvgSq.copy_(expAvgSq);
+                }
             }
         }
     }
@@ -151,8 +168,8 @@ public sealed class AdamW : IDisposable
         if (!state.TryGetValue(parameter, out var s))
         {
             // Moments outlive the step's dispose scope that first touches them.
-            s = (zeros_like(parameter, dtype: ScalarType.Float32).DetachFromDisposeScope(),
-                 zeros_like(parameter, dtype: ScalarType.Float32).DetachFromDisposeScope());
+            s = (zeros_like(parameter, dtype: stateDtype).DetachFromDisposeScope(),
+                 zeros_like(parameter, dtype: stateDtype).DetachFromDisposeScope());
             state[parameter] = s;
         }
         return s;

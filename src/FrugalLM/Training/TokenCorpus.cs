@@ -1,5 +1,3 @@
-using System.Text.Json;
-
 namespace FrugalLM.Training;
 
 /// <summary>Thrown when training data cannot be read.</summary>
@@ -10,7 +8,7 @@ public sealed class DataException(string message, Exception? inner = null) : Exc
 /// token between them, and cut into blocks of <c>sequence + 1</c> tokens (inputs and next-token labels).
 /// Every 50th block is held out for evaluation, so the held-out set samples the whole corpus.
 /// </summary>
-public sealed class TokenCorpus
+public sealed class TokenCorpus : ITrainingData
 {
     /// <summary>One block in this many is held out.</summary>
     public const int HoldOutEvery = 50;
@@ -38,20 +36,24 @@ public sealed class TokenCorpus
         }
     }
 
-    /// <summary>Tokens per training sequence.</summary>
+    /// <inheritdoc />
     public int Sequence { get; }
 
     /// <summary>Documents read.</summary>
     public int Documents { get; }
 
-    /// <summary>Tokens in the corpus.</summary>
+    /// <inheritdoc />
     public long TokenCount => tokens.Length;
 
-    /// <summary>Training blocks.</summary>
-    public int TrainBlocks => trainBlocks.Length;
+    /// <inheritdoc />
+    public int TrainSequences => trainBlocks.Length;
 
-    /// <summary>Held-out blocks.</summary>
-    public int EvalBlocks => evalBlocks.Length;
+    /// <inheritdoc />
+    public int EvalSequences => evalBlocks.Length;
+
+    /// <inheritdoc />
+    public string Describe() =>
+        $"{Documents} documents, {TokenCount:N0} tokens packed into {TrainSequences} training and {EvalSequences} held-out sequences of {Sequence}";
 
     /// <summary>
     /// Reads a corpus: a file or a folder of files. <c>.jsonl</c> files hold one JSON object per line with a
@@ -68,13 +70,7 @@ public sealed class TokenCorpus
         {
             throw new DataException($"sequence length must be positive (got {sequence})");
         }
-        string[] files = Directory.Exists(path)
-            ? Directory.EnumerateFiles(path, "*", SearchOption.AllDirectories).Where(f => !Path.GetFileName(f).StartsWith('.')).Order(StringComparer.Ordinal).ToArray()
-            : File.Exists(path) ? [path] : throw new DataException($"{path}: no such file or folder");
-        if (files.Length == 0)
-        {
-            throw new DataException($"{path}: the folder has no files");
-        }
+        var files = TrainingData.Files(path);
         long totalBytes = files.Sum(f => new FileInfo(f).Length), doneBytes = 0;
         var tokens = new List<int>();
         int documents = 0;
@@ -104,8 +100,8 @@ public sealed class TokenCorpus
     /// <summary>A corpus made of given tokens (tests, synthetic data).</summary>
     public static TokenCorpus FromTokens(int[] tokens, int sequence) => new(tokens, sequence, 1);
 
-    /// <summary>Training batches for one epoch, in an order fixed by <paramref name="seed"/> and <paramref name="epoch"/>.</summary>
-    public IEnumerable<long[]> TrainBatches(int batch, int seed, int epoch)
+    /// <inheritdoc />
+    public IEnumerable<TrainingBatch> TrainBatches(int batch, int seed, int epoch)
     {
         var order = (int[])trainBlocks.Clone();
         new Random(HashCode.Combine(seed, epoch)).Shuffle(order);
@@ -115,8 +111,8 @@ public sealed class TokenCorpus
         }
     }
 
-    /// <summary>Held-out batches (all of them, in order; the last may be smaller).</summary>
-    public IEnumerable<long[]> EvalBatches(int batch)
+    /// <inheritdoc />
+    public IEnumerable<TrainingBatch> EvalBatches(int batch)
     {
         for (int i = 0; i < evalBlocks.Length; i += batch)
         {
@@ -124,19 +120,21 @@ public sealed class TokenCorpus
         }
     }
 
-    // Rows of sequence + 1 tokens, flattened row-major.
-    private long[] Gather(ReadOnlySpan<int> blocks)
+    // A block of sequence + 1 tokens gives the inputs (all but the last) and their labels (all but the first).
+    private TrainingBatch Gather(ReadOnlySpan<int> blocks)
     {
         int width = Sequence + 1;
-        var result = new long[blocks.Length * width];
+        var inputs = new long[blocks.Length * Sequence];
+        var labels = new long[blocks.Length * Sequence];
         for (int r = 0; r < blocks.Length; r++)
         {
-            for (int c = 0; c < width; c++)
+            for (int c = 0; c < Sequence; c++)
             {
-                result[r * width + c] = tokens[blocks[r] * width + c];
+                inputs[r * Sequence + c] = tokens[blocks[r] * width + c];
+                labels[r * Sequence + c] = tokens[blocks[r] * width + c + 1];
             }
         }
-        return result;
+        return new TrainingBatch(inputs, labels, blocks.Length, Sequence);
     }
 
     private static IEnumerable<string> ReadDocuments(string file)
@@ -146,27 +144,9 @@ public sealed class TokenCorpus
             yield return File.ReadAllText(file);
             yield break;
         }
-        int lineNumber = 0;
-        foreach (var line in File.ReadLines(file))
+        foreach (var (line, record) in TrainingData.JsonLines(file))
         {
-            lineNumber++;
-            if (string.IsNullOrWhiteSpace(line))
-            {
-                continue;
-            }
-            string? text;
-            try
-            {
-                using var json = JsonDocument.Parse(line);
-                text = json.RootElement.ValueKind == JsonValueKind.Object && json.RootElement.TryGetProperty("text", out var t) && t.ValueKind == JsonValueKind.String
-                    ? t.GetString()
-                    : null;
-            }
-            catch (JsonException e)
-            {
-                throw new DataException($"{file}:{lineNumber}: not valid JSON ({e.Message})", e);
-            }
-            yield return text ?? throw new DataException($"{file}:{lineNumber}: expected an object with a string \"text\" field");
+            yield return TrainingData.Field(record, "text", file, line);
         }
     }
 }

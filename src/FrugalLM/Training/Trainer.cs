@@ -1,8 +1,8 @@
 using System.Diagnostics;
 using FrugalLM.Models.Llama;
 using FrugalLM.Native;
+using FrugalLM.Precision;
 using TorchSharp;
-using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace FrugalLM.Training;
@@ -58,6 +58,15 @@ public sealed record TrainOptions
     /// <summary>Seed of the data order.</summary>
     public int Seed { get; init; }
 
+    /// <summary>Tokens per chunk of the LM head and loss (0: full fp32 logits at once, as transformers).</summary>
+    public int LossChunk { get; init; }
+
+    /// <summary>Write a resumable training checkpoint every this many steps into <see cref="CheckpointFolder"/> (0: never).</summary>
+    public int CheckpointEvery { get; init; }
+
+    /// <summary>Where resumable checkpoints go (<c>step-N</c> folders; the last two are kept).</summary>
+    public string? CheckpointFolder { get; init; }
+
     /// <summary>Checks the values; throws <see cref="ArgumentException"/> naming the bad one.</summary>
     public void Validate()
     {
@@ -74,13 +83,15 @@ public sealed record TrainOptions
         Require(LearningRate > 0, $"learning rate must be positive (got {LearningRate})");
         Require(GradClip >= 0, $"gradient clipping must be >= 0 (got {GradClip})");
         Require(LogEvery > 0, $"log interval must be positive (got {LogEvery})");
+        Require(LossChunk >= 0, $"loss chunk must be >= 0 (got {LossChunk})");
+        Require(CheckpointEvery == 0 || CheckpointFolder is not null, "checkpoints need a checkpoint folder");
     }
 }
 
 /// <summary>A progress report, sent every <see cref="TrainOptions.LogEvery"/> steps and after evaluations.</summary>
 /// <param name="Step">Steps done.</param>
 /// <param name="TotalSteps">Steps in the run.</param>
-/// <param name="Loss">Mean training loss over the steps since the last report.</param>
+/// <param name="Loss">Mean training loss (per token) over the steps since the last report.</param>
 /// <param name="LearningRate">Learning rate of the last step.</param>
 /// <param name="GradNorm">Gradient norm (before clipping) of the last step.</param>
 /// <param name="TokensPerSecond">Training throughput since the last report.</param>
@@ -88,7 +99,10 @@ public sealed record TrainOptions
 /// <param name="PeakBytes">Peak resident set since the run began.</param>
 /// <param name="EvalLoss">Held-out loss, when this report follows an evaluation.</param>
 /// <param name="Elapsed">Time since the run began.</param>
-public sealed record TrainProgress(int Step, int TotalSteps, double Loss, double LearningRate, double GradNorm, double TokensPerSecond, long ResidentBytes, long PeakBytes, double? EvalLoss, TimeSpan Elapsed);
+/// <param name="LossScale">The fp16 loss scale (null in other modes).</param>
+/// <param name="SkippedSteps">Steps skipped so far because gradients overflowed.</param>
+public sealed record TrainProgress(int Step, int TotalSteps, double Loss, double LearningRate, double GradNorm, double TokensPerSecond,
+    long ResidentBytes, long PeakBytes, double? EvalLoss, TimeSpan Elapsed, double? LossScale = null, long SkippedSteps = 0);
 
 /// <summary>What a finished run measured.</summary>
 /// <param name="Steps">Steps done.</param>
@@ -103,50 +117,88 @@ public sealed record TrainResult(int Steps, double FinalLoss, double EvalLoss, d
     public double EvalPerplexity => Math.Exp(EvalLoss);
 }
 
+/// <summary>One optimizer step's outcome.</summary>
+/// <param name="Loss">Mean loss per counted token.</param>
+/// <param name="GradNorm">Global gradient norm before clipping (infinite or NaN on overflow).</param>
+/// <param name="Skipped">True when the update was skipped because the gradients overflowed.</param>
+public readonly record struct StepResult(double Loss, double GradNorm, bool Skipped);
+
 /// <summary>
-/// The training loop: next-token cross-entropy on packed blocks, AdamW with decay groups, warm-up + cosine
-/// schedule, gradient accumulation and clipping, held-out evaluation, and a save callback every
-/// <see cref="TrainOptions.SaveEvery"/> steps and at the end. Each step runs in its own dispose scope so
-/// native memory stays flat.
+/// The training loop: next-token cross-entropy normalized over the step's counted tokens, AdamW with decay
+/// groups, warm-up + cosine schedule, gradient accumulation and clipping, mixed precision through
+/// <see cref="MixedPrecision"/>, held-out evaluation, a save callback every
+/// <see cref="TrainOptions.SaveEvery"/> steps and at the end, and resumable checkpoints
+/// (<see cref="TrainingCheckpoint"/>). Each step runs in a <see cref="StepScope"/> so native memory stays flat.
 /// </summary>
-public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOptions options)
+public sealed class Trainer
 {
-    /// <summary>Runs the configured steps; <paramref name="save"/> receives the number of steps done.</summary>
-    public TrainResult Run(Action<TrainProgress>? report = null, Action<int>? save = null, CancellationToken cancel = default)
+    private readonly LlamaForCausalLM model;
+    private readonly ITrainingData data;
+    private readonly TrainOptions options;
+    private readonly MixedPrecision precision;
+    private readonly CosineSchedule schedule;
+
+    /// <summary>Prepares training; <paramref name="precision"/> defaults to fp32 (no conversion).</summary>
+    public Trainer(LlamaForCausalLM model, ITrainingData data, TrainOptions options, MixedPrecision? precision = null)
     {
         options.Validate();
-        var parameters = model.named_parameters().Select(p => (p.name, (Tensor)p.parameter)).ToList();
-        using var optimizer = new AdamW(AdamW.DecayGroups(parameters, options.WeightDecay), options.LearningRate, options.Beta1, options.Beta2, options.Eps);
-        var schedule = new CosineSchedule(
+        this.model = model;
+        this.data = data;
+        this.options = options;
+        this.precision = precision ?? MixedPrecision.Apply(model, Planning.Precision.Fp32);
+        Optimizer = new AdamW(
+            AdamW.DecayGroups(this.precision.OptimizerParameters, options.WeightDecay),
+            options.LearningRate, options.Beta1, options.Beta2, options.Eps,
+            this.precision.GradientOf, this.precision.OptimizerStateDtype);
+        schedule = new CosineSchedule(
             options.LearningRate,
             options.MinLearningRate ?? options.LearningRate / 10,
             options.WarmupSteps ?? Math.Max(1, options.Steps / 20),
             options.Steps);
-        var trainable = model.parameters().Where(p => p.requires_grad).ToList();
+    }
+
+    /// <summary>The optimizer (its moments are part of checkpoints).</summary>
+    public AdamW Optimizer { get; }
+
+    /// <summary>The precision policy.</summary>
+    public MixedPrecision Precision => precision;
+
+    /// <summary>Steps done so far (restored by <see cref="TrainingCheckpoint.Load"/>).</summary>
+    public int StepsDone { get; internal set; }
+
+    /// <summary>Where the data stream is: epoch and batches consumed within it.</summary>
+    public (int Epoch, int Batch) DataPosition { get; internal set; }
+
+    /// <summary>The model.</summary>
+    internal LlamaForCausalLM Model => model;
+
+    /// <summary>Runs the remaining steps; <paramref name="save"/> receives the number of steps done.</summary>
+    public TrainResult Run(Action<TrainProgress>? report = null, Action<int>? save = null, CancellationToken cancel = default)
+    {
         model.train();
         MemoryProbe.ResetPeak();
         var clock = Stopwatch.StartNew();
         var trainClock = new Stopwatch();
         var intervalClock = Stopwatch.StartNew();
-        double intervalLoss = 0, lastLoss = double.NaN, gradNorm = 0, lr = 0;
+        double intervalLoss = 0, lastLoss = double.NaN, evalLoss = double.NaN;
         int intervalSteps = 0;
         long intervalTokens = 0, totalTokens = 0;
-        double evalLoss = double.NaN;
+        StepResult last = default;
         using var batches = Batches().GetEnumerator();
-        for (int step = 0; step < options.Steps; step++)
+        while (StepsDone < options.Steps)
         {
             cancel.ThrowIfCancellationRequested();
             trainClock.Start();
-            lr = schedule.At(step);
-            optimizer.LearningRate = lr;
-            (double stepLoss, gradNorm) = Step(optimizer, trainable, MicroBatches(batches));
+            Optimizer.LearningRate = schedule.At(StepsDone);
+            var micro = Take(batches, options.GradientAccumulation);
+            last = Step(micro);
             trainClock.Stop();
-            long tokens = (long)options.MicroBatch * corpus.Sequence * options.GradientAccumulation;
+            long tokens = micro.Sum(b => (long)b.Rows * b.Columns);
             intervalTokens += tokens;
             totalTokens += tokens;
-            intervalLoss += stepLoss;
+            intervalLoss += last.Loss;
             intervalSteps++;
-            int done = step + 1;
+            int done = ++StepsDone;
             bool evaluate = done == options.Steps || (options.EvalEvery > 0 && done % options.EvalEvery == 0);
             if (evaluate)
             {
@@ -156,10 +208,10 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
             if (evaluate || done % options.LogEvery == 0)
             {
                 lastLoss = intervalLoss / intervalSteps;
-                var progress = new TrainProgress(done, options.Steps, lastLoss, lr, gradNorm,
+                report?.Invoke(new TrainProgress(done, options.Steps, lastLoss, Optimizer.LearningRate, last.GradNorm,
                     intervalTokens / Math.Max(1e-9, intervalClock.Elapsed.TotalSeconds),
-                    MemoryProbe.CurrentBytes, MemoryProbe.PeakBytes, evaluate ? evalLoss : null, clock.Elapsed);
-                report?.Invoke(progress);
+                    MemoryProbe.CurrentBytes, MemoryProbe.PeakBytes, evaluate ? evalLoss : null, clock.Elapsed,
+                    precision.Scaler?.Scale, precision.Scaler?.SkippedSteps ?? 0));
                 intervalLoss = 0;
                 intervalSteps = 0;
                 intervalTokens = 0;
@@ -169,95 +221,104 @@ public sealed class Trainer(LlamaForCausalLM model, TokenCorpus corpus, TrainOpt
             {
                 save(done);
             }
+            if (options.CheckpointEvery > 0 && done % options.CheckpointEvery == 0 && done < options.Steps)
+            {
+                TrainingCheckpoint.Save(this, options.CheckpointFolder!);
+            }
         }
-        return new TrainResult(options.Steps, lastLoss, evalLoss, totalTokens / Math.Max(1e-9, trainClock.Elapsed.TotalSeconds), MemoryProbe.PeakBytes, clock.Elapsed);
+        return new TrainResult(StepsDone, lastLoss, evalLoss, totalTokens / Math.Max(1e-9, trainClock.Elapsed.TotalSeconds), MemoryProbe.PeakBytes, clock.Elapsed);
     }
 
     /// <summary>
-    /// One optimizer step: zero the gradients, backward through each micro-batch with its loss divided by
-    /// their count, clip the global gradient norm, update. Returns the mean loss and the norm before clipping.
+    /// One optimizer step over <paramref name="microBatches"/>: the loss of each is its token losses' sum
+    /// divided by the counted tokens of the whole step (so accumulation equals one large batch), scaled for
+    /// fp16; then the global gradient norm (which also detects overflow), clipping, the update and the copy
+    /// of fp32 masters into the compute weights. An overflowing step is skipped.
     /// </summary>
-    public (double Loss, double GradNorm) Step(AdamW optimizer, IReadOnlyList<Parameter> trainable, IEnumerable<long[]> microBatches)
+    public StepResult Step(IReadOnlyList<TrainingBatch> microBatches)
     {
         using var step = StepScope.Begin();
-        var batches = microBatches.ToList();
-        optimizer.ZeroGrad();
+        precision.ZeroGradients();
+        double counted = Math.Max(1, microBatches.Sum(b => b.LabelCount));
         double loss = 0;
-        foreach (var batch in batches)
+        foreach (var batch in microBatches)
         {
-            var micro = Loss(batch, options.MicroBatch);
-            (micro / batches.Count).backward();
-            loss += micro.item<float>() / batches.Count;
+            var micro = LossSum(batch) / counted;
+            precision.ScaleLoss(micro).backward();
+            precision.AccumulateGradients();
+            loss += micro.item<float>();
         }
-        double norm = options.GradClip > 0 ? nn.utils.clip_grad_norm_(trainable, options.GradClip) : TotalNorm(trainable);
-        optimizer.Step();
-        return (loss, norm);
+        double norm = precision.GradientNorm();
+        bool overflow = double.IsNaN(norm) || double.IsInfinity(norm);
+        if (!overflow)
+        {
+            // clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is below 1.
+            double clip = options.GradClip > 0 ? Math.Min(1.0, options.GradClip / (norm + 1e-6)) : 1.0;
+            Optimizer.Step(precision.Unscale * clip);
+            precision.SyncWeights();
+        }
+        precision.Scaler?.Update(overflow);
+        return new StepResult(loss, norm, overflow);
     }
 
-    private IEnumerable<long[]> MicroBatches(IEnumerator<long[]> batches)
-    {
-        for (int i = 0; i < options.GradientAccumulation; i++)
-        {
-            batches.MoveNext();
-            yield return batches.Current;
-        }
-    }
-
-    /// <summary>Mean next-token loss over held-out blocks (at most <paramref name="maxBatches"/> batches; 0 = all).</summary>
+    /// <summary>Mean next-token loss per counted token over held-out batches (at most <paramref name="maxBatches"/>; 0 = all).</summary>
     public double Evaluate(int maxBatches = 0)
     {
         model.eval();
         double sum = 0;
         long count = 0;
         using var noGrad = no_grad();
-        foreach (var batch in corpus.EvalBatches(options.MicroBatch).Take(maxBatches > 0 ? maxBatches : int.MaxValue))
+        foreach (var batch in data.EvalBatches(options.MicroBatch).Take(maxBatches > 0 ? maxBatches : int.MaxValue))
         {
             using var step = StepScope.Begin();
-            int rows = batch.Length / (corpus.Sequence + 1);
-            sum += Loss(batch, rows).item<float>() * rows;
-            count += rows;
+            sum += LossSum(batch).item<float>();
+            count += batch.LabelCount;
         }
         return sum / Math.Max(1, count);
     }
 
-    /// <summary>Mean next-token cross-entropy of <paramref name="rows"/> packed blocks.</summary>
-    public Tensor Loss(long[] batch, int rows)
+    /// <summary>Sum of next-token losses over the counted positions of <paramref name="batch"/>.</summary>
+    public Tensor LossSum(TrainingBatch batch)
     {
-        var ids = tensor(batch, [rows, corpus.Sequence + 1]);
-        var inputs = ids[.., ..^1];
-        var labels = ids[.., 1..];
-        var logits = model.forward(inputs);
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[^1]).to(ScalarType.Float32), labels.reshape(-1));
+        var inputs = tensor(batch.Inputs, [batch.Rows, batch.Columns]);
+        var labels = tensor(batch.Labels, [batch.Rows, batch.Columns]);
+        var hidden = model.Hidden(inputs);
+        return options.LossChunk > 0 && model.HeadWeight is Tensor head
+            ? CausalLmLoss.Chunked(hidden, head, labels, options.LossChunk)
+            : CausalLmLoss.Full(model.Logits(hidden), labels);
     }
 
-    private IEnumerable<long[]> Batches()
+    private static List<TrainingBatch> Take(IEnumerator<TrainingBatch> batches, int count)
     {
-        for (int epoch = 0; ; epoch++)
+        var result = new List<TrainingBatch>(count);
+        for (int i = 0; i < count; i++)
         {
-            bool any = false;
-            foreach (var batch in corpus.TrainBatches(options.MicroBatch, options.Seed, epoch))
+            batches.MoveNext();
+            result.Add(batches.Current);
+        }
+        return result;
+    }
+
+    // An endless stream from the current data position; the position advances as batches are taken.
+    private IEnumerable<TrainingBatch> Batches()
+    {
+        var (epoch, skip) = DataPosition;
+        for (; ; epoch++, skip = 0)
+        {
+            int index = 0;
+            foreach (var batch in data.TrainBatches(options.MicroBatch, options.Seed, epoch))
             {
-                any = true;
+                if (index++ < skip)
+                {
+                    continue;
+                }
+                DataPosition = (epoch, index);
                 yield return batch;
             }
-            if (!any)
+            if (index == 0)
             {
-                throw new DataException($"the corpus has {corpus.TrainBlocks} training blocks: fewer than one batch of {options.MicroBatch}");
+                throw new DataException($"the data has {data.TrainSequences} training sequences: fewer than one batch of {options.MicroBatch}");
             }
         }
-    }
-
-    private static double TotalNorm(IEnumerable<Tensor> parameters)
-    {
-        using var scope = NewDisposeScope();
-        double sum = 0;
-        foreach (var p in parameters)
-        {
-            if (p.grad is Tensor g)
-            {
-                sum += g.to(ScalarType.Float32).pow(2).sum().item<float>();
-            }
-        }
-        return Math.Sqrt(sum);
     }
 }

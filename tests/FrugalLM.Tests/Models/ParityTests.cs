@@ -56,11 +56,22 @@ public sealed class ParityTests
         using var ids = expected.Load("train_input_ids");
         int rows = (int)ids.shape[0], sequence = (int)ids.shape[1] - 1;
         var corpus = TokenCorpus.FromTokens(ids.data<long>().Select(x => (int)x).ToArray(), sequence);
-        var options = new TrainOptions { MicroBatch = rows, GradClip = Meta("max_grad_norm") };
+        var options = new TrainOptions
+        {
+            MicroBatch = rows,
+            GradClip = Meta("max_grad_norm"),
+            LearningRate = Meta("adamw_lr"),
+            Beta1 = betas[0],
+            Beta2 = betas[1],
+            Eps = Meta("adamw_eps"),
+            WeightDecay = Meta("adamw_weight_decay"),
+        };
         var trainer = new Trainer(model, corpus, options);
-        var parameters = model.named_parameters().Select(p => (p.name, (Tensor)p.parameter)).ToList();
-        using var optimizer = new AdamW(AdamW.DecayGroups(parameters, Meta("adamw_weight_decay")), Meta("adamw_lr"), betas[0], betas[1], Meta("adamw_eps"));
-        var (loss, gradNorm) = trainer.Step(optimizer, model.parameters().ToList(), [ids.data<long>().ToArray()]);
+        // The fixture's batch is two rows of 12 tokens: inputs are the first 11, labels the last 11.
+        var inOrder = new TrainingBatch(
+            ids[.., ..^1].contiguous().data<long>().ToArray(), ids[.., 1..].contiguous().data<long>().ToArray(), rows, sequence);
+        var (loss, gradNorm, skipped) = trainer.Step([inOrder]);
+        Assert.False(skipped);
         using var expectedLoss = expected.Load("loss");
         using var expectedNorm = expected.Load("grad_norm");
         Assert.Equal(expectedLoss.item<float>(), loss, 1e-5 * Math.Abs(loss));

@@ -100,7 +100,6 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, Tensor>
     {
         config.Validate();
         Config = config;
-        Dtype = dtype;
         model = new LlamaModel(config, dtype);
         lmHead = config.TieWordEmbeddings ? null : LinearFactory.Create(config.HiddenSize, config.VocabSize, false, dtype);
         RegisterComponents();
@@ -109,8 +108,19 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, Tensor>
     /// <summary>The architecture.</summary>
     public LlamaConfig Config { get; }
 
-    /// <summary>The dtype the weights were created in.</summary>
-    public ScalarType Dtype { get; }
+    /// <summary>The dtype of the weights (of the embedding table; techniques may change it after creation).</summary>
+    public ScalarType Dtype => model.EmbedTokens.Weight.dtype;
+
+    /// <summary>
+    /// The LM head's weight [vocab, hidden] when the head is a plain linear map (or the tied embedding), for
+    /// losses that apply it chunk by chunk; null when a technique replaced the head.
+    /// </summary>
+    public Tensor? HeadWeight => lmHead switch
+    {
+        null => model.EmbedTokens.Weight,
+        Linear linear when linear.bias is null => linear.weight,
+        _ => null,
+    };
 
     /// <summary>The decoder stack.</summary>
     public LlamaModel Model => model;

@@ -1,0 +1,150 @@
+using FrugalLM.Models;
+using FrugalLM.Models.Llama;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FrugalLM.Checkpointing;
+
+/// <summary>
+/// Gradient (activation) checkpointing of decoder layers: the stack is cut into segments of
+/// <c>every</c> consecutive layers; forward keeps only each segment's input, and backward recomputes the
+/// segment before differentiating it. Memory for activations drops from all layers' intermediates to the
+/// segment inputs plus one segment's intermediates, for about one extra forward pass.
+/// </summary>
+public static class ActivationCheckpointing
+{
+    /// <summary>Wraps the decoder layers of <paramref name="model"/>; returns the number of segments.</summary>
+    public static int Apply(LlamaForCausalLM model, int every = 1)
+    {
+        if (every < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(every), every, "checkpoint every k layers needs k >= 1");
+        }
+        var layers = model.Model.Layers;
+        if (layers.Any(l => l is CheckpointedLayer))
+        {
+            throw new InvalidOperationException("checkpointing is already applied to this model");
+        }
+        int segments = 0;
+        for (int start = 0; start < layers.Count; start += every)
+        {
+            var segment = new Segment(Enumerable.Range(start, Math.Min(every, layers.Count - start)).Select(i => layers[i]).ToArray());
+            for (int i = 0; i < segment.Layers.Length; i++)
+            {
+                ModuleTree.Replace(model, $"model.layers.{start + i}", new CheckpointedLayer(segment, i));
+            }
+            segments++;
+        }
+        return segments;
+    }
+
+    /// <summary>Consecutive layers recomputed together.</summary>
+    internal sealed class Segment(nn.Module<Tensor, DecoderContext, Tensor>[] layers)
+    {
+        public nn.Module<Tensor, DecoderContext, Tensor>[] Layers { get; } = layers;
+
+        public Tensor Run(Tensor hidden, DecoderContext context)
+        {
+            foreach (var layer in Layers)
+            {
+                hidden = layer.forward(hidden, context);
+            }
+            return hidden;
+        }
+
+        /// <summary>Parameters of the segment that get gradients (passed to the autograd function as inputs).</summary>
+        public Tensor[] Trainable() => Layers.SelectMany(l => l.parameters()).Where(p => p.requires_grad).Cast<Tensor>().ToArray();
+    }
+}
+
+/// <summary>
+/// Stands where a decoder layer stood. The first layer of a segment runs the whole segment through the
+/// checkpoint function; the segment's other layers pass their input through (the segment already applied
+/// them). The wrapped layer's children are registered as this module's own, so parameter names are
+/// unchanged (<c>model.layers.0.self_attn.q_proj.weight</c>) and checkpoints keep their HF keys.
+/// </summary>
+public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITransparentWrapper
+{
+    private readonly ActivationCheckpointing.Segment segment;
+    private readonly int position;
+
+    internal CheckpointedLayer(ActivationCheckpointing.Segment segment, int position) : base(nameof(CheckpointedLayer))
+    {
+        this.segment = segment;
+        this.position = position;
+        foreach (var (name, child) in Inner.named_children())
+        {
+            register_module(name, child);
+        }
+    }
+
+    /// <inheritdoc />
+    public nn.Module Inner => segment.Layers[position];
+
+    /// <inheritdoc />
+    public override Tensor forward(Tensor hidden, DecoderContext context)
+    {
+        if (position > 0)
+        {
+            return hidden.alias();
+        }
+        if (!is_grad_enabled())
+        {
+            return segment.Run(hidden, context);
+        }
+        var inputs = new List<object> { hidden, context.Cos, context.Sin, segment, context.AttentionMask ?? empty(0) };
+        inputs.AddRange(segment.Trainable());
+        return CheckpointFunction.apply([.. inputs]);
+    }
+
+    /// <summary>
+    /// Forward without keeping intermediates; backward recomputes the segment with gradients on, restoring the
+    /// RNG state of the forward (for dropout), and differentiates it. Trainable parameters are passed as extra
+    /// inputs so that a node exists even when the hidden states do not require grad (a frozen embedding
+    /// under LoRA): transformers' "element 0 of tensors does not require grad" trap cannot happen here.
+    /// </summary>
+    private sealed class CheckpointFunction : autograd.SingleTensorFunction<CheckpointFunction>
+    {
+        public override string Name => nameof(CheckpointFunction);
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var hidden = (Tensor)vars[0];
+            var (cos, sin, mask) = ((Tensor)vars[1], (Tensor)vars[2], (Tensor)vars[4]);
+            var segment = (ActivationCheckpointing.Segment)vars[3];
+            ctx.save_for_backward([hidden, cos, sin, mask]);
+            ctx.save_data("segment", segment);
+            ctx.save_data("rng", get_rng_state().DetachFromDisposeScope());
+            ctx.save_data("parameters", vars.Length - 5);
+            using var noGrad = no_grad();
+            return segment.Run(hidden, Context(cos, sin, mask));
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            var saved = ctx.get_saved_variables();
+            var segment = (ActivationCheckpointing.Segment)ctx.get_data("segment");
+            using var rng = (Tensor)ctx.get_data("rng");
+            var parameters = segment.Trainable();
+            using var current = get_rng_state();
+            set_rng_state(rng);
+            Tensor output;
+            Tensor input;
+            using (enable_grad())
+            {
+                input = saved[0].detach().requires_grad_(true);
+                output = segment.Run(input, Context(saved[1], saved[2], saved[3]));
+            }
+            set_rng_state(current);
+            var wrt = new List<Tensor> { input };
+            wrt.AddRange(parameters);
+            var grads = autograd.grad([output], wrt, [gradOutput], allow_unused: true);
+            var result = new List<Tensor> { grads[0], null!, null!, null!, null! };
+            result.AddRange(grads.Skip(1));
+            return result;
+        }
+
+        private static DecoderContext Context(Tensor cos, Tensor sin, Tensor mask) =>
+            new() { Cos = cos, Sin = sin, AttentionMask = mask.numel() == 0 ? null : mask };
+    }
+}

@@ -1,0 +1,224 @@
+using FrugalLM.Models;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using PrecisionMode = FrugalLM.Planning.Precision;
+
+namespace FrugalLM.Precision;
+
+/// <summary>
+/// Runs a model's forward and backward passes in 16 bits while the optimizer updates fp32 master weights:
+/// <list type="bullet">
+/// <item><c>fp32</c>: nothing changes.</item>
+/// <item><c>bf16</c> / <c>fp16</c>: every floating parameter becomes a 16-bit compute copy; the trainable ones keep
+/// an fp32 master that the optimizer updates and that is copied back (rounded) after each step. Gradients
+/// of several micro-batches are accumulated in fp32 on the masters; with one micro-batch the 16-bit
+/// gradient is read directly and widened tensor by tensor inside the optimizer. fp16 adds dynamic loss
+/// scaling (<see cref="LossScaler"/>) and, on this CPU, computes linear layers in fp32
+/// (<see cref="UpcastLinear"/>).</item>
+/// <item><c>bf16-pure</c>: weights and optimizer moments in bf16, no masters: the least memory, but updates
+/// smaller than half a bf16 ulp of a weight are rounded away (no stochastic rounding), so long runs drift
+/// from fp32.</item>
+/// </list>
+/// RMSNorm's reduction, softmax and the loss run in fp32 whatever the mode (the model and the loss see to it).
+/// </summary>
+public sealed class MixedPrecision : IDisposable
+{
+    private readonly List<(string Name, Parameter Model, Tensor? Master)> parameters;
+    private readonly bool accumulateInMasters;
+
+    private MixedPrecision(PrecisionMode mode, ScalarType computeDtype, List<(string, Parameter, Tensor?)> parameters, bool accumulateInMasters)
+    {
+        Mode = mode;
+        ComputeDtype = computeDtype;
+        this.parameters = parameters;
+        this.accumulateInMasters = accumulateInMasters;
+        Scaler = mode == PrecisionMode.Fp16 ? new LossScaler() : null;
+    }
+
+    /// <summary>The precision mode.</summary>
+    public PrecisionMode Mode { get; }
+
+    /// <summary>The dtype of forward and backward.</summary>
+    public ScalarType ComputeDtype { get; }
+
+    /// <summary>The loss scaler (fp16 only).</summary>
+    public LossScaler? Scaler { get; }
+
+    /// <summary>The dtype of the optimizer's moments (bf16 for bf16-pure, else fp32).</summary>
+    public ScalarType OptimizerStateDtype => Mode == PrecisionMode.Bf16Pure ? ScalarType.BFloat16 : ScalarType.Float32;
+
+    /// <summary>What the optimizer updates, by parameter name: the fp32 masters, or the model's own parameters.</summary>
+    public IReadOnlyList<(string Name, Tensor Parameter)> OptimizerParameters =>
+        parameters.Select(p => (p.Name, p.Master ?? (Tensor)p.Model)).ToList();
+
+    /// <summary>Bytes held by the fp32 masters (and their gradient accumulators).</summary>
+    public long MasterBytes => parameters.Sum(p => p.Master is null ? 0 : p.Master.numel() * 4 * (accumulateInMasters ? 2 : 1));
+
+    /// <summary>
+    /// Converts <paramref name="model"/> for <paramref name="mode"/>. Call before creating the optimizer;
+    /// the model's parameter objects are replaced by 16-bit ones.
+    /// </summary>
+    /// <param name="model">The model (any techniques such as LoRA already applied).</param>
+    /// <param name="mode">The precision.</param>
+    /// <param name="accumulationSteps">Micro-batches per step; above 1, gradients accumulate in fp32 masters.</param>
+    public static MixedPrecision Apply(nn.Module model, PrecisionMode mode, int accumulationSteps = 1)
+    {
+        var compute = mode switch
+        {
+            PrecisionMode.Fp32 => ScalarType.Float32,
+            PrecisionMode.Bf16 or PrecisionMode.Bf16Pure => ScalarType.BFloat16,
+            PrecisionMode.Fp16 => ScalarType.Float16,
+            _ => throw new ArgumentOutOfRangeException(nameof(mode)),
+        };
+        bool masters = mode is PrecisionMode.Bf16 or PrecisionMode.Fp16;
+        var fp32Copies = new Dictionary<string, Tensor>();
+        if (masters)
+        {
+            using var noGrad = no_grad();
+            foreach (var (name, p) in model.named_parameters().Where(p => p.parameter.requires_grad))
+            {
+                // Taken before the cast, so the masters are the exact fp32 weights.
+                fp32Copies[name] = p.detach().to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+            }
+        }
+        if (compute != ScalarType.Float32)
+        {
+            ConvertParameters(model, compute);
+        }
+        if (mode == PrecisionMode.Fp16)
+        {
+            foreach (var (path, module) in ModuleTree.Find(model, (_, m) => m is Linear))
+            {
+                ModuleTree.Replace(model, path, new UpcastLinear((Linear)module, ScalarType.Float16));
+            }
+        }
+        var list = model.named_parameters()
+            .Where(p => p.parameter.requires_grad)
+            .Select(p => (p.name, p.parameter, fp32Copies.GetValueOrDefault(p.name)))
+            .ToList();
+        return new MixedPrecision(mode, compute, list, masters && accumulationSteps > 1);
+    }
+
+    // Module.to(dtype) would replace every parameter object at once; this keeps requires_grad per parameter.
+    private static void ConvertParameters(nn.Module model, ScalarType dtype)
+    {
+        using var noGrad = no_grad();
+        foreach (var (path, module) in model.named_modules().Prepend(("", model)))
+        {
+            foreach (var (name, p) in module.named_parameters(recurse: false).ToList())
+            {
+                if (p.is_floating_point() && p.dtype != dtype)
+                {
+                    var converted = new Parameter(p.to(dtype), p.requires_grad);
+                    ModuleTree.ReplaceParameter(module, name, converted);
+                }
+            }
+        }
+    }
+
+    /// <summary>The loss to call backward on: scaled for fp16, unchanged otherwise.</summary>
+    public Tensor ScaleLoss(Tensor loss) => Scaler is null ? loss : loss * Scaler.Scale;
+
+    /// <summary>After each micro-batch's backward: moves 16-bit gradients into the fp32 accumulators when accumulating.</summary>
+    public void AccumulateGradients()
+    {
+        if (!accumulateInMasters)
+        {
+            return;
+        }
+        using var noGrad = no_grad();
+        foreach (var (_, model, master) in parameters)
+        {
+            if (model.grad is Tensor g)
+            {
+                if (master!.grad is Tensor acc)
+                {
+                    acc.add_(g);
+                }
+                else
+                {
+                    master.grad = g.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+                }
+                g.zero_();
+            }
+        }
+    }
+
+    /// <summary>The gradient the optimizer reads for one of <see cref="OptimizerParameters"/> (still loss-scaled).</summary>
+    public Tensor? GradientOf(Tensor optimizerParameter)
+    {
+        if (accumulateInMasters)
+        {
+            return optimizerParameter.grad;
+        }
+        foreach (var (_, model, master) in parameters)
+        {
+            if (ReferenceEquals(master ?? model, optimizerParameter))
+            {
+                return model.grad;
+            }
+        }
+        return null;
+    }
+
+    /// <summary>Multiplier that turns raw gradients into true ones (1 / loss scale).</summary>
+    public double Unscale => Scaler is null ? 1.0 : 1.0 / Scaler.Scale;
+
+    /// <summary>
+    /// L2 norm of all (unscaled) gradients, computed in fp32 tensor by tensor; infinite or NaN when any
+    /// gradient overflowed.
+    /// </summary>
+    public double GradientNorm()
+    {
+        double sum = 0;
+        foreach (var (_, p) in OptimizerParameters)
+        {
+            if (GradientOf(p) is Tensor g)
+            {
+                using var scope = NewDisposeScope();
+                double n = g.to(ScalarType.Float32).norm().item<float>() * Unscale;
+                sum += n * n;
+            }
+        }
+        return Math.Sqrt(sum);
+    }
+
+    /// <summary>Clears model gradients and fp32 accumulators.</summary>
+    public void ZeroGradients()
+    {
+        using var noGrad = no_grad();
+        foreach (var (_, model, master) in parameters)
+        {
+            model.grad?.zero_();
+            master?.grad?.zero_();
+        }
+    }
+
+    /// <summary>After an optimizer step: copies the fp32 masters into the 16-bit compute weights.</summary>
+    public void SyncWeights()
+    {
+        using var noGrad = no_grad();
+        foreach (var (_, model, master) in parameters)
+        {
+            if (master is not null)
+            {
+                model.copy_(master);
+            }
+        }
+    }
+
+    /// <summary>The fp32 masters by name, for checkpoints (empty without masters).</summary>
+    public IEnumerable<(string Name, Tensor Master)> Masters =>
+        parameters.Where(p => p.Master is not null).Select(p => (p.Name, p.Master!));
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        foreach (var (_, _, master) in parameters)
+        {
+            master?.grad?.Dispose();
+            master?.Dispose();
+        }
+    }
+}
