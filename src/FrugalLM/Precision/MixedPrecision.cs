@@ -27,13 +27,13 @@ public sealed class MixedPrecision : IDisposable
     private readonly List<(string Name, Parameter Model, Tensor? Master)> parameters;
     private readonly bool accumulateInMasters;
 
-    private MixedPrecision(PrecisionMode mode, ScalarType computeDtype, List<(string, Parameter, Tensor?)> parameters, bool accumulateInMasters)
+    private MixedPrecision(PrecisionMode mode, ScalarType computeDtype, List<(string, Parameter, Tensor?)> parameters, bool accumulateInMasters, LossScaler? scaler)
     {
         Mode = mode;
         ComputeDtype = computeDtype;
         this.parameters = parameters;
         this.accumulateInMasters = accumulateInMasters;
-        Scaler = mode == PrecisionMode.Fp16 ? new LossScaler() : null;
+        Scaler = mode == PrecisionMode.Fp16 ? scaler ?? new LossScaler() : null;
     }
 
     /// <summary>The precision mode.</summary>
@@ -62,7 +62,8 @@ public sealed class MixedPrecision : IDisposable
     /// <param name="model">The model (any techniques such as LoRA already applied).</param>
     /// <param name="mode">The precision.</param>
     /// <param name="accumulationSteps">Micro-batches per step; above 1, gradients accumulate in fp32 masters.</param>
-    public static MixedPrecision Apply(nn.Module model, PrecisionMode mode, int accumulationSteps = 1)
+    /// <param name="scaler">The fp16 loss scaler (default: GradScaler's defaults).</param>
+    public static MixedPrecision Apply(nn.Module model, PrecisionMode mode, int accumulationSteps = 1, LossScaler? scaler = null)
     {
         var compute = mode switch
         {
@@ -79,7 +80,8 @@ public sealed class MixedPrecision : IDisposable
             foreach (var (name, p) in model.named_parameters().Where(p => p.parameter.requires_grad))
             {
                 // Taken before the cast, so the masters are the exact fp32 weights.
-                fp32Copies[name] = p.detach().to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+                // requires_grad marks them trainable for the optimizer; they never enter a graph.
+                fp32Copies[name] = p.detach().to(ScalarType.Float32, copy: true).requires_grad_(true).DetachFromDisposeScope();
             }
         }
         if (compute != ScalarType.Float32)
@@ -97,7 +99,7 @@ public sealed class MixedPrecision : IDisposable
             .Where(p => p.parameter.requires_grad)
             .Select(p => (p.name, p.parameter, fp32Copies.GetValueOrDefault(p.name)))
             .ToList();
-        return new MixedPrecision(mode, compute, list, masters && accumulationSteps > 1);
+        return new MixedPrecision(mode, compute, list, masters && accumulationSteps > 1, scaler);
     }
 
     // Module.to(dtype) would replace every parameter object at once; this keeps requires_grad per parameter.

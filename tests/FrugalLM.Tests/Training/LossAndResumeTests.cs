@@ -1,0 +1,114 @@
+using FrugalLM.Models.Llama;
+using FrugalLM.Precision;
+using FrugalLM.Training;
+using static TorchSharp.torch;
+using PrecisionMode = FrugalLM.Planning.Precision;
+
+namespace FrugalLM.Tests.Training;
+
+public sealed class LossAndResumeTests
+{
+    public LossAndResumeTests() => TestSupport.Init();
+
+    [Theory]
+    [InlineData(false, 7)]
+    [InlineData(true, 5)]
+    [InlineData(false, 1000)]
+    public void ChunkedLossEqualsTheFullLossWithTheSameGradients(bool tied, int chunk)
+    {
+        using var model = new LlamaForCausalLM(TestSupport.TinyConfig(tied));
+        model.InitializeWeights(seed: 14, std: 0.2);
+        using var ids = randint(0, 101, [3, 12], dtype: ScalarType.Int64);
+        var labels = ids[.., 1..].clone();
+        labels[0, TensorIndex.Slice(0, 4)] = tensor(TrainingBatch.IgnoreLabel); // some positions take no loss
+        (double Loss, Dictionary<string, Tensor> Grads) Run(bool chunked)
+        {
+            foreach (var p in model.parameters())
+            {
+                p.grad = null;
+            }
+            var hidden = model.Hidden(ids[.., ..^1]);
+            var loss = chunked ? CausalLmLoss.Chunked(hidden, model.HeadWeight!, labels, chunk) : CausalLmLoss.Full(model.Logits(hidden), labels);
+            loss.backward();
+            return (loss.item<float>(), model.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone()));
+        }
+        var full = Run(false);
+        var chunkedRun = Run(true);
+        // Same sums in another order (per-chunk partial sums): fp32 rounding only.
+        Assert.Equal(full.Loss, chunkedRun.Loss, 1e-5 * full.Loss);
+        foreach (var (name, g) in full.Grads)
+        {
+            Assert.True(TensorAssert.RelativeError(chunkedRun.Grads[name], g) < 1e-5, $"{name}: {TensorAssert.RelativeError(chunkedRun.Grads[name], g):E2}");
+        }
+    }
+
+    [Theory]
+    [InlineData(PrecisionMode.Fp32)]
+    [InlineData(PrecisionMode.Bf16)]
+    [InlineData(PrecisionMode.Fp16)]
+    public void KillAndResumeGivesBitIdenticalWeights(PrecisionMode mode)
+    {
+        var random = new Random(21);
+        var corpus = TokenCorpus.FromTokens(Enumerable.Range(0, 3000).Select(_ => random.Next(101)).ToArray(), 16);
+        using var dir = TestSupport.TempDir();
+        TrainOptions Options(string folder) => new()
+        {
+            Steps = 9, MicroBatch = 3, GradientAccumulation = 2, LearningRate = 3e-3, LogEvery = 100, EvalEvery = 0, EvalBatches = 1,
+            CheckpointEvery = 4, CheckpointFolder = folder,
+        };
+        (LlamaForCausalLM, MixedPrecision) Fresh()
+        {
+            var model = new LlamaForCausalLM(TestSupport.TinyConfig());
+            model.InitializeWeights(seed: 30, std: 0.1);
+            return (model, MixedPrecision.Apply(model, mode, 2));
+        }
+        // Uninterrupted.
+        var (a, mixedA) = Fresh();
+        new Trainer(a, corpus, Options(Path.Combine(dir.Path, "a")), mixedA).Run();
+        // Interrupted after the checkpoint at step 8 (the process "dies"; only the checkpoint survives).
+        var (b, mixedB) = Fresh();
+        var interrupted = new Trainer(b, corpus, Options(Path.Combine(dir.Path, "b")), mixedB);
+        interrupted.Run();
+        var latest = TrainingCheckpoint.Latest(Path.Combine(dir.Path, "b"))!;
+        Assert.EndsWith("step-000008", latest);
+        var (c, mixedC) = Fresh();
+        var resumed = new Trainer(c, corpus, Options(Path.Combine(dir.Path, "c")), mixedC);
+        TrainingCheckpoint.Load(resumed, latest);
+        Assert.Equal(8, resumed.StepsDone);
+        resumed.Run();
+        var expected = a.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in c.named_parameters())
+        {
+            Assert.True(p.Same(expected[name]), $"{name} differs after resume");
+        }
+        Assert.Equal(interrupted.Optimizer.StepCount, resumed.Optimizer.StepCount);
+        foreach (var m in new[] { mixedA, mixedB, mixedC })
+        {
+            m.Dispose();
+        }
+        a.Dispose();
+        b.Dispose();
+        c.Dispose();
+    }
+
+    [Fact]
+    public void PromptCompletionTakesLossOnCompletionsOnly()
+    {
+        using var dir = TestSupport.TempDir();
+        var file = Path.Combine(dir.Path, "pairs.jsonl");
+        File.WriteAllLines(file, Enumerable.Range(0, 40).Select(i => $"{{\"prompt\": \"{i} plus 1 is\", \"completion\": \" {i + 1}\"}}"));
+        // A toy tokenizer: one token per character.
+        IReadOnlyList<int> Encode(string s) => s.Select(ch => (int)ch % 100 + 1).ToArray();
+        var data = TrainingData.Load(file, Encode, eosTokenId: 0, padTokenId: 0, sequence: 16);
+        Assert.IsType<PromptCompletionData>(data);
+        Assert.Equal(38, data.TrainSequences);
+        Assert.Equal(2, data.EvalSequences);
+        var batch = data.EvalBatches(8).Single();
+        // "19 plus 1 is" (12 tokens) + " 20" (3 tokens) + EOS: positions 11..14 predict " 20" and EOS.
+        var labels = batch.Labels.Take(16).ToArray();
+        var counted = Enumerable.Range(0, 16).Where(i => labels[i] != TrainingBatch.IgnoreLabel).ToArray();
+        Assert.Equal([11, 12, 13, 14], counted);
+        Assert.Equal(Encode(" 20").Select(t => (long)t).Append(0L), counted.Select(i => labels[i]));
+        Assert.Equal(batch.Inputs.Take(16).Skip(1).Take(14), Encode("19 plus 1 is 20").Skip(1).Select(t => (long)t));
+    }
+}
