@@ -98,7 +98,7 @@ public sealed class PromptCompletionData : ITrainingData
     public IEnumerable<TrainingBatch> TrainBatches(int batch, int seed, int epoch)
     {
         var order = Enumerable.Range(0, train.Length).ToArray();
-        new Random(HashCode.Combine(seed, epoch)).Shuffle(order);
+        new Random(TrainingData.EpochSeed(seed, epoch)).Shuffle(order);
         for (int i = 0; i + batch <= order.Length; i += batch)
         {
             yield return Gather(train, order.AsSpan(i, batch));

@@ -104,7 +104,7 @@ public sealed class TokenCorpus : ITrainingData
     public IEnumerable<TrainingBatch> TrainBatches(int batch, int seed, int epoch)
     {
         var order = (int[])trainBlocks.Clone();
-        new Random(HashCode.Combine(seed, epoch)).Shuffle(order);
+        new Random(TrainingData.EpochSeed(seed, epoch)).Shuffle(order);
         for (int i = 0; i + batch <= order.Length; i += batch)
         {
             yield return Gather(order.AsSpan(i, batch));

@@ -57,6 +57,12 @@ public static class TrainingData
             ? PromptCompletionData.Load(path, encode, eosTokenId, padTokenId, sequence, progress)
             : TokenCorpus.Load(path, encode, eosTokenId, sequence, progress);
 
+    /// <summary>
+    /// The seed of one epoch's shuffle. Deterministic across processes (HashCode.Combine is randomized per
+    /// process, so a resumed run would see another order).
+    /// </summary>
+    public static int EpochSeed(int seed, int epoch) => unchecked((seed * 1_000_003) ^ (epoch * 7919) ^ 0x5bd1e995);
+
     /// <summary>The files of a path: the file itself, or a folder's files (hidden ones skipped) in name order.</summary>
     public static string[] Files(string path)
     {

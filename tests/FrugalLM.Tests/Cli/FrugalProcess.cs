@@ -7,6 +7,20 @@ internal static class FrugalProcess
 {
     public static (int Exit, string Out, string Err) Run(params string[] args)
     {
+        using var process = Start(args);
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        if (!process.WaitForExit(TimeSpan.FromMinutes(5)))
+        {
+            process.Kill(entireProcessTree: true);
+            throw new TimeoutException("frugal " + string.Join(' ', args) + " did not finish in 5 minutes");
+        }
+        return (process.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>Starts <c>frugal</c> with redirected output (the caller reads or ignores it).</summary>
+    public static Process Start(params string[] args)
+    {
         var start = new ProcessStartInfo("dotnet")
         {
             RedirectStandardOutput = true,
@@ -19,15 +33,7 @@ internal static class FrugalProcess
             start.ArgumentList.Add(a);
         }
         start.Environment.Remove("TERM");
-        using var process = Process.Start(start)!;
-        var stdout = process.StandardOutput.ReadToEndAsync();
-        var stderr = process.StandardError.ReadToEndAsync();
-        if (!process.WaitForExit(TimeSpan.FromMinutes(5)))
-        {
-            process.Kill(entireProcessTree: true);
-            throw new TimeoutException("frugal " + string.Join(' ', args) + " did not finish in 5 minutes");
-        }
-        return (process.ExitCode, stdout.Result, stderr.Result);
+        return Process.Start(start)!;
     }
 
     /// <summary>The bundled default model.</summary>

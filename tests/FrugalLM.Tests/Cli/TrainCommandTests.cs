@@ -44,3 +44,49 @@ public sealed class TrainCommandTests
         Assert.Contains("none.txt", missingData.Err);
     }
 }
+
+public sealed class TrainResumeCommandTests
+{
+    [Fact]
+    public void KilledRunResumesToTheSameWeightsAsAnUninterruptedOne()
+    {
+        using var dir = TestSupport.TempDir();
+        var config = Path.Combine(dir.Path, "config.json");
+        File.WriteAllText(config, (TestSupport.TinyConfig() with { VocabSize = 50257 }).ToJson().ToJsonString());
+        var data = Path.Combine(dir.Path, "data.txt");
+        var random = new Random(9);
+        File.WriteAllText(data, string.Join(' ', Enumerable.Range(0, 3000).Select(_ => random.Next(1000).ToString(System.Globalization.CultureInfo.InvariantCulture))));
+        string[] Args(string output) =>
+            ["train", "--config", config, "--data", data, "--out", output, "--steps", "6", "--batch", "2", "--seq", "32",
+             "--precision", "bf16", "--grad-checkpointing", "--loss-chunk", "16", "--state-every", "3", "--log-every", "1"];
+        var whole = Path.Combine(dir.Path, "whole");
+        var first = FrugalProcess.Run(Args(whole));
+        Assert.True(first.Exit == 0, first.Err);
+
+        // Kill the second run as soon as its step-3 checkpoint exists (or let it end: either way only the
+        // checkpoint is used), then resume.
+        var killed = Path.Combine(dir.Path, "killed");
+        using (var process = FrugalProcess.Start(Args(killed)))
+        {
+            process.BeginOutputReadLine(); // drained, so the child never blocks on a full pipe
+            process.BeginErrorReadLine();
+            var checkpoint = Path.Combine(killed, "checkpoints", "step-000003", "state.json");
+            var deadline = DateTime.UtcNow.AddMinutes(3);
+            while (!File.Exists(checkpoint) && !process.HasExited && DateTime.UtcNow < deadline)
+            {
+                Thread.Sleep(50);
+            }
+            if (!process.HasExited)
+            {
+                process.Kill(entireProcessTree: true);
+            }
+            process.WaitForExit();
+        }
+        File.Delete(Path.Combine(killed, "model.safetensors"));
+        var resumed = FrugalProcess.Run([.. Args(killed), "--resume"]);
+        Assert.True(resumed.Exit == 0, resumed.Err);
+        Assert.Contains("resumed from", resumed.Err);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(whole, "model.safetensors")), File.ReadAllBytes(Path.Combine(killed, "model.safetensors")));
+        Assert.True(File.Exists(Path.Combine(whole, "loss.png")));
+    }
+}
