@@ -365,12 +365,18 @@ def rms_norm(x, weight, eps):
     return weight * xc.to(x.dtype)
 
 
-def attention(x, p, prefix, cfg, cos, sin):
+def plain_linear(x, p, module):
+    """The linear layer at module path `module` (no bias: LLaMA has none). forward() takes another
+    function of the same signature to add adapters (tools/make_peft_fixtures.py adds LoRA)."""
+    return F.linear(x, p[module + ".weight"])
+
+
+def attention(x, p, prefix, cfg, cos, sin, linear=plain_linear):
     batch, seq, _ = x.shape
     heads, kv_heads, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    q = F.linear(x, p[prefix + "q_proj.weight"]).view(batch, seq, heads, d).transpose(1, 2)
-    k = F.linear(x, p[prefix + "k_proj.weight"]).view(batch, seq, kv_heads, d).transpose(1, 2)
-    v = F.linear(x, p[prefix + "v_proj.weight"]).view(batch, seq, kv_heads, d).transpose(1, 2)
+    q = linear(x, p, prefix + "q_proj").view(batch, seq, heads, d).transpose(1, 2)
+    k = linear(x, p, prefix + "k_proj").view(batch, seq, kv_heads, d).transpose(1, 2)
+    v = linear(x, p, prefix + "v_proj").view(batch, seq, kv_heads, d).transpose(1, 2)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     # repeat_kv: KV head j serves query heads j*g .. j*g+g-1.
@@ -382,20 +388,20 @@ def attention(x, p, prefix, cfg, cos, sin):
     scores = scores.masked_fill(causal, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(q.dtype)
     out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, heads * d)
-    return F.linear(out, p[prefix + "o_proj.weight"])
+    return linear(out, p, prefix + "o_proj")
 
 
-def mlp(x, p, prefix):
-    gate = F.silu(F.linear(x, p[prefix + "gate_proj.weight"]))
-    return F.linear(gate * F.linear(x, p[prefix + "up_proj.weight"]), p[prefix + "down_proj.weight"])
+def mlp(x, p, prefix, linear=plain_linear):
+    gate = F.silu(linear(x, p, prefix + "gate_proj"))
+    return linear(gate * linear(x, p, prefix + "up_proj"), p, prefix + "down_proj")
 
 
 def lm_head_weight(p):
     return p["lm_head.weight"] if "lm_head.weight" in p else p["model.embed_tokens.weight"]
 
 
-def forward(p, cfg, ids, inv_freq=None):
-    """Returns (logits, final normed hidden states)."""
+def forward(p, cfg, ids, inv_freq=None, linear=plain_linear):
+    """Returns (logits, final normed hidden states). `linear(x, p, module)` computes each linear layer."""
     eps = cfg["rms_norm_eps"]
     embed = p["model.embed_tokens.weight"]
     cos, sin = rope_cos_sin(rope_inv_freq(cfg) if inv_freq is None else inv_freq, ids.shape[1], embed.dtype)
@@ -403,9 +409,11 @@ def forward(p, cfg, ids, inv_freq=None):
     for layer in range(cfg["num_hidden_layers"]):
         prefix = f"model.layers.{layer}."
         h = h + attention(rms_norm(h, p[prefix + "input_layernorm.weight"], eps), p, prefix + "self_attn.", cfg,
-                          cos, sin)
-        h = h + mlp(rms_norm(h, p[prefix + "post_attention_layernorm.weight"], eps), p, prefix + "mlp.")
+                          cos, sin, linear)
+        h = h + mlp(rms_norm(h, p[prefix + "post_attention_layernorm.weight"], eps), p, prefix + "mlp.", linear)
     h = rms_norm(h, p["model.norm.weight"], eps)
+    if "lm_head.weight" in p:
+        return linear(h, p, "lm_head"), h
     return F.linear(h, lm_head_weight(p)), h
 
 
