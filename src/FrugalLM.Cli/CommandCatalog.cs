@@ -9,6 +9,8 @@ internal static class CommandCatalog
     {
         yield return Commands.GenerateCommand.Create();
         yield return Commands.TrainCommand.Create();
+        yield return Commands.EvalCommand.Create();
+        yield return Commands.MergeCommand.Create();
         yield return Commands.EstimateCommand.Create();
         yield return Commands.PlanCommand.Create();
     }

@@ -1,9 +1,19 @@
 using FrugalLM.Checkpointing;
+using FrugalLM.Lora;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
 
 namespace FrugalLM;
+
+/// <summary>What <see cref="Techniques.Apply"/> set up on a model.</summary>
+/// <param name="Precision">The precision policy the trainer drives.</param>
+/// <param name="Lora">The LoRA adapters, when the plan has them.</param>
+public sealed record AppliedTechniques(MixedPrecision Precision, LoraModel? Lora) : IDisposable
+{
+    /// <inheritdoc />
+    public void Dispose() => Precision.Dispose();
+}
 
 /// <summary>
 /// Applies a plan's techniques to a loaded model in the one fixed order they compose in: quantize the base,
@@ -13,8 +23,10 @@ namespace FrugalLM;
 public static class Techniques
 {
     /// <summary>Prepares <paramref name="model"/> to train or generate as <paramref name="plan"/> says.</summary>
-    /// <returns>The precision policy the trainer drives.</returns>
-    public static MixedPrecision Apply(LlamaForCausalLM model, RunPlan plan)
+    /// <param name="model">The loaded model.</param>
+    /// <param name="plan">The plan.</param>
+    /// <param name="seed">Seed of new adapters' initialization.</param>
+    public static AppliedTechniques Apply(LlamaForCausalLM model, RunPlan plan, long seed = 0)
     {
         if (!plan.Trains)
         {
@@ -23,11 +35,19 @@ public static class Techniques
                 p.requires_grad_(false);
             }
         }
+        LoraModel? lora = null;
+        if (plan.Lora is LoraSettings settings)
+        {
+            var targets = settings.TargetModules is [LoraSettings.AllLinear]
+                ? LoraTargets.AllLinear
+                : LoraTargets.FromNames(settings.TargetModules);
+            lora = LoraModel.Apply(model, new LoraConfig { Rank = settings.Rank, Alpha = settings.Alpha, Dropout = settings.Dropout, Targets = targets }, seed: seed);
+        }
         var precision = MixedPrecision.Apply(model, plan.Precision, plan.GradientAccumulationSteps);
         if (plan.Trains && plan.Checkpointing.Enabled)
         {
             ActivationCheckpointing.Apply(model, plan.Checkpointing.Interval);
         }
-        return precision;
+        return new AppliedTechniques(precision, lora);
     }
 }

@@ -28,40 +28,21 @@ internal static class GenerateCommand
         var stop = new Option<string[]>("--stop") { Description = "Stop before this string (repeatable)", AllowMultipleArgumentsPerToken = false };
         var precision = new Option<string>("--precision") { Description = "fp32; bf16 (half the weight memory, computed natively with AVX-512 BF16); fp16 (half the weight memory, the article's model.half(): this CPU has no fp16 arithmetic, so fp16 is a storage format and matmuls run in fp32)", DefaultValueFactory = _ => "fp32" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
+        var adapter = new Option<string?>("--adapter") { Description = "A PEFT LoRA adapter folder to apply (merged into fp32 weights; kept separate at 16 bits)" };
         var command = new Command("generate", "Continue a prompt, streaming the text to stdout (stats go to stderr)")
         {
-            model, prompt, maxNew, temperature, topK, topP, seed, stop, precision, threads,
+            model, adapter, prompt, maxNew, temperature, topK, topP, seed, stop, precision, threads,
         };
         command.SetAction(pr => CliRunner.Run(() =>
         {
             TorchRuntime.Initialize(pr.GetValue(threads));
-            var mode = PlanNames.ParsePrecision(pr.GetValue(precision)!);
-            if (mode == Precision.Bf16Pure)
-            {
-                throw new ArgumentException("--precision for generation is fp32, bf16 or fp16");
-            }
-            var folder = pr.GetValue(model)!;
-            var tokenizer = HfTokenizer.Load(folder);
-            using var checkpoint = HfCheckpoint.Open(folder);
             var text = pr.GetValue(prompt) ?? "";
-            int promptTokens = Math.Max(1, tokenizer.Encode(text, addBos: tokenizer.AddBosToken).Count);
-            var plan = new RunPlan
-            {
-                Model = ModelSpec.FromLlama(checkpoint.Config, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder))),
-                Mode = RunMode.Generate,
-                Precision = mode,
-                Optimizer = OptimizerKind.None,
-                MicroBatchSize = 1,
-                SequenceLength = Math.Min(checkpoint.Config.MaxPositionEmbeddings, promptTokens + Math.Max(0, pr.GetValue(maxNew))),
-                Device = ComputeDevice.Cpu,
-            };
-            var report = MemoryReport.Predict(plan);
-            // Weights are read straight into the plan's dtype; the plan's techniques do the rest.
-            using var llama = new Models.Llama.LlamaForCausalLM(checkpoint.Config, mode == Precision.Fp32 ? ScalarType.Float32 : mode == Precision.Bf16 ? ScalarType.BFloat16 : ScalarType.Float16);
-            checkpoint.LoadInto(llama);
-            using var mixed = Techniques.Apply(llama, plan);
-            llama.eval();
-            var defaults = checkpoint.Generation;
+            using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!), 1,
+                (tokenizer, _) => Math.Max(1, tokenizer.Encode(text, addBos: tokenizer.AddBosToken).Count) + Math.Max(0, pr.GetValue(maxNew)));
+            var llama = loaded.Model;
+            var tokenizer = loaded.Tokenizer;
+            var report = loaded.Report;
+            var defaults = loaded.Generation;
             bool sample = defaults?.DoSample ?? false;
             long chosenSeed = pr.GetValue(seed) ?? Random.Shared.NextInt64(1, 1_000_000);
             var options = new SamplingOptions

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using FrugalLM.Inference;
+using FrugalLM.Lora;
 using FrugalLM.IO;
 using FrugalLM.Models.Llama;
 using FrugalLM.Native;
@@ -36,9 +37,13 @@ internal static class TrainCommand
         var gradCheckpointing = new Option<bool>("--grad-checkpointing") { Description = "Keep only decoder-layer inputs and recompute the layers in backward" };
         var checkpointEvery = new Option<int>("--checkpoint-every") { Description = "With --grad-checkpointing: layers per recomputed segment", DefaultValueFactory = _ => 1 };
         var lossChunk = new Option<int>("--loss-chunk") { Description = "Compute the LM head and loss over chunks of this many tokens, never materializing all logits (0: all at once)", DefaultValueFactory = _ => 0 };
+        var loraRank = new Option<int>("--lora-r") { Description = "LoRA rank: freeze the model and train adapters only (0: train every weight); the output is then a PEFT adapter folder", DefaultValueFactory = _ => 0 };
+        var loraAlpha = new Option<double?>("--lora-alpha") { Description = "LoRA alpha: the update is B·A·alpha/r (default 2 x rank)" };
+        var loraDropout = new Option<double>("--lora-dropout") { Description = "Dropout on the adapters' input", DefaultValueFactory = _ => 0.0 };
+        var loraTargets = new Option<string>("--lora-targets") { Description = "Comma-separated module names (q_proj,v_proj,...) or all-linear", DefaultValueFactory = _ => "q_proj,v_proj" };
         var lr = new Option<double>("--lr") { Description = "Peak learning rate (warm-up, then cosine decay to a tenth)", DefaultValueFactory = _ => 3e-4 };
         var warmup = new Option<int?>("--warmup") { Description = "Warm-up steps (default: 5% of --steps)" };
-        var weightDecay = new Option<double>("--weight-decay") { Description = "AdamW weight decay (matrices and embeddings only)", DefaultValueFactory = _ => 0.1 };
+        var weightDecay = new Option<double?>("--weight-decay") { Description = "AdamW weight decay of matrices and embeddings (default 0.1; 0 with LoRA, as PEFT's trainer)" };
         var clip = new Option<double>("--grad-clip") { Description = "Clip the global gradient norm; 0 = off", DefaultValueFactory = _ => 1.0 };
         var evalEvery = new Option<int>("--eval-every") { Description = "Held-out evaluation every N steps (and at the end)", DefaultValueFactory = _ => 0 };
         var evalBatches = new Option<int>("--eval-batches") { Description = "Held-out batches per evaluation; 0 = all", DefaultValueFactory = _ => 0 };
@@ -53,7 +58,7 @@ internal static class TrainCommand
         var command = new Command("train", "Train a LLaMA model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, checkpointEvery,
-            lossChunk, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
+            lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
             samplePrompt, threads,
         };
         command.SetAction(pr => CliRunner.Run(() =>
@@ -64,6 +69,10 @@ internal static class TrainCommand
             if ((modelFolder is null) == (configFile is null))
             {
                 throw new ArgumentException("give exactly one of --model (continue training) or --config (train from scratch)");
+            }
+            if (pr.GetValue(loraRank) > 0 && modelFolder is null)
+            {
+                throw new ArgumentException("LoRA fine-tunes an existing model: give --model");
             }
             var outFolder = pr.GetValue(output)!;
             var savedAs = HfCheckpoint.ParseDtype(pr.GetValue(saveDtype)!);
@@ -96,6 +105,10 @@ internal static class TrainCommand
                 Precision = PlanNames.ParsePrecision(pr.GetValue(precision)!),
                 Checkpointing = pr.GetValue(gradCheckpointing) ? new Checkpointing(pr.GetValue(checkpointEvery)) : Checkpointing.None,
                 Loss = pr.GetValue(lossChunk) > 0 ? new LossComputation(true, pr.GetValue(lossChunk)) : LossComputation.Full,
+                Lora = pr.GetValue(loraRank) > 0
+                    ? new LoraSettings(pr.GetValue(loraRank), pr.GetValue(loraAlpha) ?? 2.0 * pr.GetValue(loraRank),
+                        pr.GetValue(loraTargets)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries), pr.GetValue(loraDropout))
+                    : null,
                 MicroBatchSize = pr.GetValue(batch),
                 SequenceLength = pr.GetValue(seq),
                 GradientAccumulationSteps = pr.GetValue(accumulation),
@@ -132,7 +145,12 @@ internal static class TrainCommand
             {
                 Sample("before", llama, tokenizer, prompt);
             }
-            using var mixed = Techniques.Apply(llama, plan);
+            using var applied = Techniques.Apply(llama, plan, pr.GetValue(seed));
+            var mixed = applied.Precision;
+            if (applied.Lora is { } adapters)
+            {
+                CliRunner.Status($"LoRA: {adapters}");
+            }
             var options = new TrainOptions
             {
                 Steps = pr.GetValue(steps),
@@ -141,7 +159,7 @@ internal static class TrainCommand
                 LossChunk = plan.Loss.Chunked ? plan.Loss.ChunkTokens : 0,
                 LearningRate = pr.GetValue(lr),
                 WarmupSteps = pr.GetValue(warmup),
-                WeightDecay = pr.GetValue(weightDecay),
+                WeightDecay = pr.GetValue(weightDecay) ?? (plan.Lora is null ? 0.1 : 0.0),
                 GradClip = pr.GetValue(clip),
                 EvalEvery = pr.GetValue(evalEvery),
                 EvalBatches = pr.GetValue(evalBatches),
@@ -160,7 +178,11 @@ internal static class TrainCommand
                 CliRunner.Status($"resumed from {latest} at step {trainer.StepsDone}");
             }
             generation.Save(outFolder);
-            var result = RunWithProgress(trainer, options, _ => HfCheckpoint.Save(llama, outFolder, savedAs, generation, sources: mixed.Masters), outFolder, pr.GetValue(resume));
+            // A LoRA run saves the adapter (PEFT layout) beside the tokenizer; a full run saves the whole model.
+            Action<int> save = applied.Lora is { } lora
+                ? _ => LoraAdapter.Save(lora, outFolder, baseModelNameOrPath: Path.GetFullPath(modelFolder!), sources: mixed.Masters)
+                : _ => HfCheckpoint.Save(llama, outFolder, savedAs, generation, sources: mixed.Masters);
+            var result = RunWithProgress(trainer, options, save, outFolder, pr.GetValue(resume));
             if (prompt is not null)
             {
                 Sample("after", llama, tokenizer, prompt);

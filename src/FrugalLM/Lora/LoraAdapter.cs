@@ -61,10 +61,14 @@ public static class LoraAdapter
     /// <param name="folder">The adapter folder (created if needed).</param>
     /// <param name="adapterName">The adapter to save; null means the active one.</param>
     /// <param name="baseModelNameOrPath">Recorded as <c>base_model_name_or_path</c> (the base model folder or hub id).</param>
+    /// <param name="sources">Tensors to write instead of the layers' own, by model parameter name (mixed precision's
+    /// fp32 masters of 16-bit compute copies). Weights are written in fp32, as PEFT writes them by default.</param>
     /// <exception cref="InvalidOperationException">The model has no adapter (an adapter is never saved empty), or its weights are not finite.</exception>
     /// <exception cref="ArgumentException">The model has no adapter named <paramref name="adapterName"/>.</exception>
-    public static void Save(LoraModel lora, string folder, string? adapterName = null, string? baseModelNameOrPath = null)
+    public static void Save(LoraModel lora, string folder, string? adapterName = null, string? baseModelNameOrPath = null,
+        IEnumerable<(string Name, Tensor Tensor)>? sources = null)
     {
+        var replaced = (sources ?? []).ToDictionary(s => s.Name, s => s.Tensor);
         var adapters = lora.Adapters;
         if (adapters.Count == 0)
         {
@@ -77,8 +81,8 @@ public static class LoraAdapter
         var tensors = new List<(string Name, Tensor Tensor)>();
         foreach (var (path, layer) in layers)
         {
-            tensors.Add((KeyPrefix + path + ".lora_A.weight", layer.LoraA(name)));
-            tensors.Add((KeyPrefix + path + ".lora_B.weight", layer.LoraB(name)));
+            tensors.Add((KeyPrefix + path + ".lora_A.weight", replaced.GetValueOrDefault($"{path}.lora_A.{name}.weight") ?? layer.LoraA(name)));
+            tensors.Add((KeyPrefix + path + ".lora_B.weight", replaced.GetValueOrDefault($"{path}.lora_B.{name}.weight") ?? layer.LoraB(name)));
         }
         tensors.AddRange(Biases(lora, config.Bias, layers).Select(b => (KeyPrefix + b.Name, (Tensor)b.Parameter)));
         foreach (var (key, tensor) in tensors)
@@ -90,7 +94,7 @@ public static class LoraAdapter
             }
         }
         Directory.CreateDirectory(folder);
-        SafeTensors.Write(Path.Combine(folder, WeightsFile), tensors);
+        SafeTensors.Write(Path.Combine(folder, WeightsFile), tensors, dtype: ScalarType.Float32);
         var json = PythonJson.Dumps(ConfigJson(config, layers.Select(l => l.Path).ToList(), baseModelNameOrPath));
         AtomicFile.WriteText(Path.Combine(folder, ConfigFile), json);
     }

@@ -140,10 +140,15 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>A [r, in] of adapter <paramref name="name"/>.</summary>
-    public Parameter LoraA(string name) => ((Linear)loraA[Known(name)]).weight;
+    public Parameter LoraA(string name) => WeightOf(loraA[Known(name)]);
 
     /// <summary>B [out, r] of adapter <paramref name="name"/>.</summary>
-    public Parameter LoraB(string name) => ((Linear)loraB[Known(name)]).weight;
+    public Parameter LoraB(string name) => WeightOf(loraB[Known(name)]);
+
+    // A and B are linear layers; a precision technique may have replaced them by another linear-like module
+    // (fp16 storage with fp32 compute) that keeps its parameter under the same name.
+    private static Parameter WeightOf(nn.Module module) =>
+        module.get_parameter("weight") ?? throw new InvalidOperationException($"{module.GetType().Name} has no weight");
 
     /// <summary>The rank of adapter <paramref name="name"/>.</summary>
     public int Rank(string name) => adapters[Known(name)].Rank;
@@ -248,9 +253,10 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         }
         using var scope = NewDisposeScope();
         var result = baseLayer.forward(x);
-        var input = ((nn.Module<Tensor, Tensor>)loraDropout[ActiveAdapter]).forward(x.to(AdapterDtype));
-        var a = (Linear)loraA[ActiveAdapter];
-        var b = (Linear)loraB[ActiveAdapter];
+        // The adapters run at their own weights' dtype (fp32 as PEFT keeps them, or a mixed-precision compute copy).
+        var input = ((nn.Module<Tensor, Tensor>)loraDropout[ActiveAdapter]).forward(x.to(LoraA(ActiveAdapter).dtype));
+        var a = (nn.Module<Tensor, Tensor>)loraA[ActiveAdapter];
+        var b = (nn.Module<Tensor, Tensor>)loraB[ActiveAdapter];
         var update = b.forward(a.forward(input)) * state.Scaling;
         return (result + update).to(result.dtype).MoveToOuterDisposeScope();
     }

@@ -13,14 +13,18 @@ public sealed class PromptCompletionData : ITrainingData
 
     private readonly (long[] Inputs, long[] Labels)[] train;
     private readonly (long[] Inputs, long[] Labels)[] eval;
+    private readonly (long[] Inputs, long[] Labels)[] allExamples;
 
-    private PromptCompletionData(List<(long[], long[])> examples, int sequence, long tokens, int truncated)
+    private PromptCompletionData(List<(long[], long[])> examples, List<(string, string)> texts, int sequence, long tokens, int truncated)
     {
         Sequence = sequence;
         TokenCount = tokens;
         Truncated = truncated;
         train = examples.Where((_, i) => i % HoldOutEvery != HoldOutEvery - 1).ToArray();
         eval = examples.Where((_, i) => i % HoldOutEvery == HoldOutEvery - 1).ToArray();
+        allExamples = examples.ToArray();
+        HeldOutTexts = texts.Where((_, i) => i % HoldOutEvery == HoldOutEvery - 1).ToArray();
+        AllTexts = texts;
         if (train.Length == 0)
         {
             throw new DataException("no training examples");
@@ -46,6 +50,12 @@ public sealed class PromptCompletionData : ITrainingData
     /// <summary>Examples longer than the sequence that were cut.</summary>
     public int Truncated { get; }
 
+    /// <summary>The held-out examples as text, for accuracy by generation.</summary>
+    public IReadOnlyList<(string Prompt, string Completion)> HeldOutTexts { get; }
+
+    /// <summary>Every example as text.</summary>
+    public IReadOnlyList<(string Prompt, string Completion)> AllTexts { get; }
+
     /// <summary>Reads prompt/completion JSONL files.</summary>
     public static PromptCompletionData Load(string path, Func<string, IReadOnlyList<int>> encode, int eosTokenId, int padTokenId, int sequence, IProgress<double>? progress = null)
     {
@@ -55,14 +65,17 @@ public sealed class PromptCompletionData : ITrainingData
         }
         var files = TrainingData.Files(path);
         var examples = new List<(long[], long[])>();
+        var texts = new List<(string, string)>();
         long tokens = 0;
         int truncated = 0;
         for (int f = 0; f < files.Length; f++)
         {
             foreach (var (line, record) in TrainingData.JsonLines(files[f]))
             {
-                var prompt = encode(TrainingData.Field(record, "prompt", files[f], line));
-                var completion = encode(TrainingData.Field(record, "completion", files[f], line));
+                var promptText = TrainingData.Field(record, "prompt", files[f], line);
+                var completionText = TrainingData.Field(record, "completion", files[f], line);
+                var prompt = encode(promptText);
+                var completion = encode(completionText);
                 var ids = prompt.Concat(completion).Append(eosTokenId).Select(t => (long)t).ToList();
                 tokens += ids.Count;
                 // Position i predicts token i + 1; it takes a loss when that token belongs to the completion.
@@ -83,11 +96,12 @@ public sealed class PromptCompletionData : ITrainingData
                 if (labels.Any(l => l != TrainingBatch.IgnoreLabel))
                 {
                     examples.Add((inputs, labels));
+                    texts.Add((promptText, completionText));
                 }
             }
             progress?.Report((f + 1.0) / files.Length);
         }
-        return new PromptCompletionData(examples, sequence, tokens, truncated);
+        return new PromptCompletionData(examples, texts, sequence, tokens, truncated);
     }
 
     /// <inheritdoc />
@@ -102,6 +116,17 @@ public sealed class PromptCompletionData : ITrainingData
         for (int i = 0; i + batch <= order.Length; i += batch)
         {
             yield return Gather(train, order.AsSpan(i, batch));
+        }
+    }
+
+    /// <inheritdoc />
+    public IEnumerable<TrainingBatch> AllBatches(int batch)
+    {
+        var all = allExamples;
+        var order = Enumerable.Range(0, all.Length).ToArray();
+        for (int i = 0; i < all.Length; i += batch)
+        {
+            yield return Gather(all, order.AsSpan(i, Math.Min(batch, all.Length - i)));
         }
     }
 

@@ -112,6 +112,16 @@ public sealed class TokenCorpus : ITrainingData
     }
 
     /// <inheritdoc />
+    public IEnumerable<TrainingBatch> AllBatches(int batch)
+    {
+        var all = Enumerable.Range(0, tokens.Length / (Sequence + 1)).ToArray();
+        for (int i = 0; i < all.Length; i += batch)
+        {
+            yield return Gather(all.AsSpan(i, Math.Min(batch, all.Length - i)));
+        }
+    }
+
+    /// <inheritdoc />
     public IEnumerable<TrainingBatch> EvalBatches(int batch)
     {
         for (int i = 0; i < evalBlocks.Length; i += batch)

@@ -264,29 +264,12 @@ public sealed class Trainer
     /// <summary>Mean next-token loss per counted token over held-out batches (at most <paramref name="maxBatches"/>; 0 = all).</summary>
     public double Evaluate(int maxBatches = 0)
     {
-        model.eval();
-        double sum = 0;
-        long count = 0;
-        using var noGrad = no_grad();
-        foreach (var batch in data.EvalBatches(options.MicroBatch).Take(maxBatches > 0 ? maxBatches : int.MaxValue))
-        {
-            using var step = StepScope.Begin();
-            sum += LossSum(batch).item<float>();
-            count += batch.LabelCount;
-        }
-        return sum / Math.Max(1, count);
+        var (loss, _) = Evaluation.MeanLoss(model, data.EvalBatches(options.MicroBatch), options.LossChunk, maxBatches);
+        return loss;
     }
 
     /// <summary>Sum of next-token losses over the counted positions of <paramref name="batch"/>.</summary>
-    public Tensor LossSum(TrainingBatch batch)
-    {
-        var inputs = tensor(batch.Inputs, [batch.Rows, batch.Columns]);
-        var labels = tensor(batch.Labels, [batch.Rows, batch.Columns]);
-        var hidden = model.Hidden(inputs);
-        return options.LossChunk > 0 && model.HeadWeight is Tensor head
-            ? CausalLmLoss.Chunked(hidden, head, labels, options.LossChunk)
-            : CausalLmLoss.Full(model.Logits(hidden), labels);
-    }
+    public Tensor LossSum(TrainingBatch batch) => Evaluation.LossSum(model, batch, options.LossChunk);
 
     private static List<TrainingBatch> Take(IEnumerator<TrainingBatch> batches, int count)
     {

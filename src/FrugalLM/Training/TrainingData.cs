@@ -42,6 +42,9 @@ public interface ITrainingData
 
     /// <summary>Held-out batches, all of them, in order (the last may be smaller).</summary>
     IEnumerable<TrainingBatch> EvalBatches(int batch);
+
+    /// <summary>Every sequence, training and held-out, in file order (for evaluating a whole test file).</summary>
+    IEnumerable<TrainingBatch> AllBatches(int batch);
 }
 
 /// <summary>Reads training data, choosing the form from the files.</summary>

@@ -1,0 +1,103 @@
+using FrugalLM.IO;
+using FrugalLM.Lora;
+using FrugalLM.Models.Llama;
+using FrugalLM.Planning;
+using FrugalLM.Tokenization;
+using static TorchSharp.torch;
+
+namespace FrugalLM.Cli;
+
+/// <summary>
+/// A model folder (and optionally a LoRA adapter) loaded for generation or evaluation at a precision: the
+/// plan of the run is estimated before the weights are read, so the command can print predicted against
+/// measured memory.
+/// </summary>
+internal sealed class InferenceModel : IDisposable
+{
+    private readonly HfCheckpoint checkpoint;
+    private readonly AppliedTechniques applied;
+
+    private InferenceModel(HfCheckpoint checkpoint, HfTokenizer tokenizer, LlamaForCausalLM model, MemoryReport report, AppliedTechniques applied)
+    {
+        this.checkpoint = checkpoint;
+        Tokenizer = tokenizer;
+        Model = model;
+        Report = report;
+        this.applied = applied;
+    }
+
+    public LlamaForCausalLM Model { get; }
+
+    public HfTokenizer Tokenizer { get; }
+
+    public MemoryReport Report { get; }
+
+    public GenerationConfig? Generation => checkpoint.Generation;
+
+    /// <summary>Loads <paramref name="folder"/> (plus <paramref name="adapter"/>) at <paramref name="precision"/>.</summary>
+    /// <param name="folder">HF model folder.</param>
+    /// <param name="adapter">PEFT LoRA adapter folder, or null.</param>
+    /// <param name="precision">fp32, bf16 or fp16 (fp16 is a storage format on this CPU).</param>
+    /// <param name="batch">Sequences processed together.</param>
+    /// <param name="sequence">Tokens per sequence, from the tokenizer (prompt plus new tokens, or the eval length).</param>
+    public static InferenceModel Open(string folder, string? adapter, Planning.Precision precision, int batch, Func<HfTokenizer, LlamaConfig, int> sequence)
+    {
+        if (precision == Planning.Precision.Bf16Pure)
+        {
+            throw new ArgumentException("--precision for inference is fp32, bf16 or fp16");
+        }
+        var tokenizer = HfTokenizer.Load(folder);
+        var checkpoint = HfCheckpoint.Open(folder);
+        try
+        {
+            var adapterInfo = adapter is null ? null : LoraAdapter.ReadConfig(adapter);
+            var plan = new RunPlan
+            {
+                Model = ModelSpec.FromLlama(checkpoint.Config, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder))),
+                Mode = RunMode.Generate,
+                Precision = precision,
+                Optimizer = OptimizerKind.None,
+                Lora = adapterInfo is null ? null : new LoraSettings(adapterInfo.Config.Rank, adapterInfo.Config.Alpha,
+                    // Names map one to one; a regex is estimated as every linear layer (an upper bound).
+                    adapterInfo.Config.Targets.Kind == LoraTargetKind.Names ? adapterInfo.Config.Targets.Names : [LoraSettings.AllLinear], 0),
+                MicroBatchSize = batch,
+                SequenceLength = Math.Min(checkpoint.Config.MaxPositionEmbeddings, sequence(tokenizer, checkpoint.Config)),
+                Device = ComputeDevice.Cpu,
+            };
+            var report = MemoryReport.Predict(plan);
+            // Weights are read straight into the plan's dtype; the adapter (fp32, as PEFT keeps it) goes on top
+            // and the plan's techniques do the rest (LoRA is already there, so the plan applied omits it).
+            var dtype = precision switch
+            {
+                Planning.Precision.Bf16 => ScalarType.BFloat16,
+                Planning.Precision.Fp16 => ScalarType.Float16,
+                _ => ScalarType.Float32,
+            };
+            var model = new LlamaForCausalLM(checkpoint.Config, dtype);
+            checkpoint.LoadInto(model);
+            if (adapter is not null)
+            {
+                var lora = LoraAdapter.Load(adapter, model);
+                if (precision == Planning.Precision.Fp32)
+                {
+                    lora.MergeAndUnload(); // exact in fp32, and as fast as the base
+                }
+            }
+            var applied = Techniques.Apply(model, plan with { Lora = null });
+            model.eval();
+            return new InferenceModel(checkpoint, tokenizer, model, report, applied);
+        }
+        catch
+        {
+            checkpoint.Dispose();
+            throw;
+        }
+    }
+
+    public void Dispose()
+    {
+        applied.Dispose();
+        Model.Dispose();
+        checkpoint.Dispose();
+    }
+}
