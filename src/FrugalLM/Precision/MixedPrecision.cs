@@ -45,8 +45,8 @@ public sealed class MixedPrecision : IDisposable
     /// <summary>The loss scaler (fp16 only).</summary>
     public LossScaler? Scaler { get; }
 
-    /// <summary>The dtype of the optimizer's moments (bf16 for bf16-pure, else fp32).</summary>
-    public ScalarType OptimizerStateDtype => Mode == PrecisionMode.Bf16Pure ? ScalarType.BFloat16 : ScalarType.Float32;
+    /// <summary>Whether the optimizer's moments should be kept in bf16 (bf16-pure) rather than fp32.</summary>
+    public bool Bf16Moments => Mode == PrecisionMode.Bf16Pure;
 
     /// <summary>What the optimizer updates, by parameter name: the fp32 masters, or the model's own parameters.</summary>
     public IReadOnlyList<(string Name, Tensor Parameter)> OptimizerParameters =>

@@ -1,3 +1,4 @@
+using FrugalLM.Planning;
 using static TorchSharp.torch;
 
 namespace FrugalLM.Training;
@@ -7,17 +8,38 @@ namespace FrugalLM.Training;
 /// <param name="WeightDecay">Decoupled weight decay applied to this group.</param>
 public sealed record ParameterGroup(IReadOnlyList<(string Name, Tensor Parameter)> Parameters, double WeightDecay);
 
+/// <summary>How AdamW stores its two moments.</summary>
+public enum MomentFormat
+{
+    /// <summary>fp32: 8 bytes per parameter.</summary>
+    Float32,
+
+    /// <summary>bf16: 4 bytes per parameter (bf16-pure training).</summary>
+    BFloat16,
+
+    /// <summary>
+    /// bitsandbytes' 8-bit AdamW: each moment block-wise quantized to one byte with bitsandbytes' dynamic map
+    /// (signed for the first moment, unsigned for the second) and one fp32 absmax per
+    /// <see cref="AdamW8bitLayout.BlockSize"/> values, ~2 bytes per parameter; tensors under
+    /// <see cref="AdamW8bitLayout.MinTensorSize"/> elements keep fp32 moments.
+    /// </summary>
+    Blockwise8Bit,
+}
+
 /// <summary>
 /// AdamW with PyTorch's update rule (decoupled weight decay, bias-corrected moments, eps added after the
-/// square root). Written here rather than taken from TorchSharp because sharding, offloading and 8-bit
-/// states need the moments as plain named tensors that this class exposes and checkpoints.
+/// square root), with the moments stored in fp32, bf16 or block-wise 8 bits. Written here rather than taken
+/// from TorchSharp because sharding, offloading and 8-bit states need the moments as plain named tensors
+/// that this class exposes and checkpoints. The update itself always runs in fp32, one tensor at a time.
 /// </summary>
 public sealed class AdamW : IDisposable
 {
     private readonly IReadOnlyList<ParameterGroup> groups;
-    private readonly Dictionary<Tensor, (Tensor ExpAvg, Tensor ExpAvgSq)> state = new(ReferenceEqualityComparer.Instance);
+    private readonly Dictionary<Tensor, Moments> state = new(ReferenceEqualityComparer.Instance);
     private readonly Func<Tensor, Tensor?> gradientOf;
-    private readonly ScalarType stateDtype;
+    private readonly MomentFormat format;
+    private readonly BlockwiseQuantizer? signedCodes;
+    private readonly BlockwiseQuantizer? unsignedCodes;
 
     /// <summary>Creates the optimizer; moments are allocated lazily at the first step.</summary>
     /// <param name="groups">The parameters it updates.</param>
@@ -27,13 +49,18 @@ public sealed class AdamW : IDisposable
     /// <param name="eps">Added to the root of the second moment.</param>
     /// <param name="gradientOf">Where a parameter's gradient is (default: its <c>grad</c>); mixed precision
     /// points fp32 masters at their 16-bit model gradients. Gradients of any dtype are widened to fp32.</param>
-    /// <param name="stateDtype">Dtype of the moments (fp32, or bf16 for bf16-pure training).</param>
+    /// <param name="format">How the moments are stored.</param>
     public AdamW(IReadOnlyList<ParameterGroup> groups, double learningRate, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8,
-        Func<Tensor, Tensor?>? gradientOf = null, ScalarType stateDtype = ScalarType.Float32)
+        Func<Tensor, Tensor?>? gradientOf = null, MomentFormat format = MomentFormat.Float32)
     {
         this.groups = groups;
         this.gradientOf = gradientOf ?? (p => p.grad);
-        this.stateDtype = stateDtype;
+        this.format = format;
+        if (format == MomentFormat.Blockwise8Bit)
+        {
+            signedCodes = new BlockwiseQuantizer(signed: true, AdamW8bitLayout.BlockSize);
+            unsignedCodes = new BlockwiseQuantizer(signed: false, AdamW8bitLayout.BlockSize);
+        }
         LearningRate = learningRate;
         Beta1 = beta1;
         Beta2 = beta2;
@@ -52,17 +79,17 @@ public sealed class AdamW : IDisposable
     /// <summary>Added to the root of the second moment.</summary>
     public double Eps { get; }
 
+    /// <summary>How the moments are stored.</summary>
+    public MomentFormat Format => format;
+
     /// <summary>Steps taken.</summary>
     public long StepCount { get; private set; }
 
     /// <summary>The parameter groups.</summary>
     public IReadOnlyList<ParameterGroup> Groups => groups;
 
-    /// <summary>Bytes held by the moments.</summary>
-    public long StateBytes => state.Values.Sum(s => s.ExpAvg.numel() * s.ExpAvg.element_size() * 2);
-
-    /// <summary>Bytes per element of the moments.</summary>
-    public int StateElementBytes => stateDtype == ScalarType.Float32 ? 4 : 2;
+    /// <summary>Bytes held by the moments (codes and scales for 8-bit ones).</summary>
+    public long StateBytes => state.Values.Sum(s => s.Tensors().Sum(t => t.numel() * t.element_size()));
 
     /// <summary>
     /// Splits named parameters the usual way: matrices and embeddings (2+ dimensions) decay, norm weights
@@ -99,9 +126,8 @@ public sealed class AdamW : IDisposable
                     continue;
                 }
                 using var scope = NewDisposeScope();
-                var (storedAvg, storedAvgSq) = State(parameter);
-                var expAvg = storedAvg.to(ScalarType.Float32);
-                var expAvgSq = storedAvgSq.to(ScalarType.Float32);
+                var moments = State(parameter);
+                var (expAvg, expAvgSq) = moments.Read(parameter.shape);
                 var g = grad.to(ScalarType.Float32);
                 if (gradientMultiplier != 1.0)
                 {
@@ -122,24 +148,22 @@ public sealed class AdamW : IDisposable
                 {
                     parameter.copy_(parameter.to(ScalarType.Float32).addcdiv_(expAvg, denom, -stepSize));
                 }
-                if (stateDtype != ScalarType.Float32)
-                {
-                    storedAvg.copy_(expAvg);
-                    storedAvgSq.copy_(expAvgSq);
-                }
+                moments.Write(expAvg, expAvgSq);
             }
         }
     }
 
-    /// <summary>The moments as named tensors (<c>exp_avg.NAME</c>, <c>exp_avg_sq.NAME</c>), for checkpoints.</summary>
+    /// <summary>The moments as named tensors (<c>exp_avg.NAME</c>, <c>exp_avg_sq.NAME</c>, and <c>.absmax</c> scales of 8-bit ones), for checkpoints.</summary>
     public IEnumerable<(string Name, Tensor Tensor)> StateTensors()
     {
         foreach (var (name, parameter) in groups.SelectMany(g => g.Parameters))
         {
             if (state.TryGetValue(parameter, out var s))
             {
-                yield return ("exp_avg." + name, s.ExpAvg);
-                yield return ("exp_avg_sq." + name, s.ExpAvgSq);
+                foreach (var named in s.Named(name))
+                {
+                    yield return named;
+                }
             }
         }
     }
@@ -150,26 +174,31 @@ public sealed class AdamW : IDisposable
         using var noGrad = no_grad();
         foreach (var (name, parameter) in groups.SelectMany(g => g.Parameters))
         {
-            var expAvg = read("exp_avg." + name);
-            var expAvgSq = read("exp_avg_sq." + name);
-            if (expAvg is null || expAvgSq is null)
+            var s = State(parameter);
+            foreach (var (key, target) in s.Named(name))
             {
-                continue;
+                if (read(key) is Tensor saved)
+                {
+                    target.copy_(saved);
+                }
             }
-            var (a, b) = State(parameter);
-            a.copy_(expAvg);
-            b.copy_(expAvgSq);
         }
         StepCount = stepCount;
     }
 
-    private (Tensor ExpAvg, Tensor ExpAvgSq) State(Tensor parameter)
+    private Moments State(Tensor parameter)
     {
         if (!state.TryGetValue(parameter, out var s))
         {
-            // Moments outlive the step's dispose scope that first touches them.
-            s = (zeros_like(parameter, dtype: stateDtype).DetachFromDisposeScope(),
-                 zeros_like(parameter, dtype: stateDtype).DetachFromDisposeScope());
+            var storage = format switch
+            {
+                MomentFormat.Blockwise8Bit when parameter.numel() >= AdamW8bitLayout.MinTensorSize => MomentFormat.Blockwise8Bit,
+                MomentFormat.BFloat16 => MomentFormat.BFloat16,
+                _ => MomentFormat.Float32,
+            };
+            s = storage == MomentFormat.Blockwise8Bit
+                ? new Moments(signedCodes!, unsignedCodes!, parameter.numel())
+                : new Moments(parameter, storage == MomentFormat.BFloat16 ? ScalarType.BFloat16 : ScalarType.Float32);
             state[parameter] = s;
         }
         return s;
@@ -178,11 +207,73 @@ public sealed class AdamW : IDisposable
     /// <inheritdoc />
     public void Dispose()
     {
-        foreach (var (a, b) in state.Values)
+        foreach (var s in state.Values)
         {
-            a.Dispose();
-            b.Dispose();
+            foreach (var t in s.Tensors())
+            {
+                t.Dispose();
+            }
         }
         state.Clear();
+        signedCodes?.Dispose();
+        unsignedCodes?.Dispose();
+    }
+
+    /// <summary>One parameter's moments, dense (fp32/bf16) or block-wise quantized.</summary>
+    private sealed class Moments
+    {
+        private readonly Tensor expAvg;
+        private readonly Tensor expAvgSq;
+        private readonly Tensor? avgScale;
+        private readonly Tensor? avgSqScale;
+        private readonly BlockwiseQuantizer? signed;
+        private readonly BlockwiseQuantizer? unsigned;
+
+        // Dense moments outlive the step's dispose scope that first touches them.
+        public Moments(Tensor parameter, ScalarType dtype)
+        {
+            expAvg = zeros_like(parameter, dtype: dtype).DetachFromDisposeScope();
+            expAvgSq = zeros_like(parameter, dtype: dtype).DetachFromDisposeScope();
+        }
+
+        public Moments(BlockwiseQuantizer signed, BlockwiseQuantizer unsigned, long count)
+        {
+            this.signed = signed;
+            this.unsigned = unsigned;
+            (expAvg, avgScale) = signed.Allocate(count);
+            (expAvgSq, avgSqScale) = unsigned.Allocate(count);
+        }
+
+        /// <summary>fp32 working copies (for fp32 storage, the moments themselves, updated in place).</summary>
+        public (Tensor, Tensor) Read(long[] shape) => signed is null
+            ? (expAvg.to(ScalarType.Float32), expAvgSq.to(ScalarType.Float32))
+            : (signed.Dequantize(expAvg, avgScale!, shape), unsigned!.Dequantize(expAvgSq, avgSqScale!, shape));
+
+        public void Write(Tensor avg, Tensor avgSq)
+        {
+            if (signed is not null)
+            {
+                signed.Quantize(avg, expAvg, avgScale!);
+                unsigned!.Quantize(avgSq, expAvgSq, avgSqScale!);
+            }
+            else if (expAvg.dtype != ScalarType.Float32)
+            {
+                expAvg.copy_(avg);
+                expAvgSq.copy_(avgSq);
+            }
+        }
+
+        public IEnumerable<Tensor> Tensors() => new[] { expAvg, expAvgSq, avgScale, avgSqScale }.OfType<Tensor>();
+
+        public IEnumerable<(string, Tensor)> Named(string name)
+        {
+            yield return ("exp_avg." + name, expAvg);
+            yield return ("exp_avg_sq." + name, expAvgSq);
+            if (avgScale is not null)
+            {
+                yield return ("exp_avg." + name + ".absmax", avgScale);
+                yield return ("exp_avg_sq." + name + ".absmax", avgSqScale!);
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using FrugalLM.Models.Llama;
 using FrugalLM.Native;
+using FrugalLM.Planning;
 using FrugalLM.Precision;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -27,6 +28,9 @@ public sealed record TrainOptions
 
     /// <summary>Warm-up steps; null means 5% of the steps.</summary>
     public int? WarmupSteps { get; init; }
+
+    /// <summary>AdamW (fp32 or bf16 moments, as the precision says) or 8-bit AdamW.</summary>
+    public OptimizerKind Optimizer { get; init; } = OptimizerKind.AdamW;
 
     /// <summary>AdamW weight decay for matrices and embeddings.</summary>
     public double WeightDecay { get; init; } = 0.1;
@@ -84,6 +88,7 @@ public sealed record TrainOptions
         Require(GradClip >= 0, $"gradient clipping must be >= 0 (got {GradClip})");
         Require(LogEvery > 0, $"log interval must be positive (got {LogEvery})");
         Require(LossChunk >= 0, $"loss chunk must be >= 0 (got {LossChunk})");
+        Require(Optimizer is OptimizerKind.AdamW or OptimizerKind.AdamW8bit, $"the trainer runs AdamW or 8-bit AdamW (got {Optimizer})");
         Require(CheckpointEvery == 0 || CheckpointFolder is not null, "checkpoints need a checkpoint folder");
     }
 }
@@ -149,7 +154,9 @@ public sealed class Trainer
         Optimizer = new AdamW(
             AdamW.DecayGroups(this.precision.OptimizerParameters, options.WeightDecay),
             options.LearningRate, options.Beta1, options.Beta2, options.Eps,
-            this.precision.GradientOf, this.precision.OptimizerStateDtype);
+            this.precision.GradientOf,
+            options.Optimizer == OptimizerKind.AdamW8bit ? MomentFormat.Blockwise8Bit
+                : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32);
         schedule = new CosineSchedule(
             options.LearningRate,
             options.MinLearningRate ?? options.LearningRate / 10,
