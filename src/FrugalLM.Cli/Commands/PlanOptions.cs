@@ -159,7 +159,7 @@ internal sealed class PlanOptions
             Model = model,
             Mode = mode,
             Precision = PlanNames.ParsePrecision(result.GetValue(Precision)!),
-            Quantization = new Quantization(quant, Nf4DoubleQuant: result.GetValue(DoubleQuant)),
+            Quantization = new Planning.Quantization(quant, Nf4DoubleQuant: result.GetValue(DoubleQuant)),
             Lora = lora,
             Optimizer = optimizer is not null ? PlanNames.ParseOptimizer(optimizer)
                 : mode == RunMode.Train ? OptimizerKind.AdamW : OptimizerKind.None,
