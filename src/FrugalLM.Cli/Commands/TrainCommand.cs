@@ -41,6 +41,7 @@ internal static class TrainCommand
         var loraAlpha = new Option<double?>("--lora-alpha") { Description = "LoRA alpha: the update is B·A·alpha/r (default 2 x rank)" };
         var loraDropout = new Option<double>("--lora-dropout") { Description = "Dropout on the adapters' input", DefaultValueFactory = _ => 0.0 };
         var loraTargets = new Option<string>("--lora-targets") { Description = "Comma-separated module names (q_proj,v_proj,...) or all-linear", DefaultValueFactory = _ => "q_proj,v_proj" };
+        var optimizer = new Option<string>("--optimizer") { Description = "adamw (fp32 moments; bf16 with --precision bf16-pure) or adamw8bit (block-wise 8-bit moments, ~2 bytes per parameter)", DefaultValueFactory = _ => "adamw" };
         var lr = new Option<double>("--lr") { Description = "Peak learning rate (warm-up, then cosine decay to a tenth)", DefaultValueFactory = _ => 3e-4 };
         var warmup = new Option<int?>("--warmup") { Description = "Warm-up steps (default: 5% of --steps)" };
         var weightDecay = new Option<double?>("--weight-decay") { Description = "AdamW weight decay of matrices and embeddings (default 0.1; 0 with LoRA, as PEFT's trainer)" };
@@ -58,7 +59,7 @@ internal static class TrainCommand
         var command = new Command("train", "Train a LLaMA model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, checkpointEvery,
-            lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
+            lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
             samplePrompt, threads,
         };
         command.SetAction(pr => CliRunner.Run(() =>
@@ -103,6 +104,7 @@ internal static class TrainCommand
                 Model = ModelSpec.FromLlama(architecture, Path.GetFileName(Path.TrimEndingDirectorySeparator(outFolder))),
                 Mode = RunMode.Train,
                 Precision = PlanNames.ParsePrecision(pr.GetValue(precision)!),
+                Optimizer = PlanNames.ParseOptimizer(pr.GetValue(optimizer)!),
                 Checkpointing = pr.GetValue(gradCheckpointing) ? new Checkpointing(pr.GetValue(checkpointEvery)) : Checkpointing.None,
                 Loss = pr.GetValue(lossChunk) > 0 ? new LossComputation(true, pr.GetValue(lossChunk)) : LossComputation.Full,
                 Lora = pr.GetValue(loraRank) > 0
@@ -157,6 +159,7 @@ internal static class TrainCommand
                 MicroBatch = plan.MicroBatchSize,
                 GradientAccumulation = plan.GradientAccumulationSteps,
                 LossChunk = plan.Loss.Chunked ? plan.Loss.ChunkTokens : 0,
+                Optimizer = plan.Optimizer,
                 LearningRate = pr.GetValue(lr),
                 WarmupSteps = pr.GetValue(warmup),
                 WeightDecay = pr.GetValue(weightDecay) ?? (plan.Lora is null ? 0.1 : 0.0),
@@ -188,6 +191,8 @@ internal static class TrainCommand
                 Sample("after", llama, tokenizer, prompt);
             }
             CliRunner.Status(report.ComparisonLine(result.PeakBytes));
+            CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
+                $"optimizer state: {MemoryProbe.Mib(trainer.Optimizer.StateBytes)} measured ({trainer.Optimizer.Format}), {MemoryProbe.Mib(report.Estimate.Bytes("optimizer_states"))} predicted; trainable parameters {trainer.Optimizer.Groups.Sum(g => g.Parameters.Sum(p => p.Parameter.numel())):N0}"));
             LossCurve.Write(Path.Combine(outFolder, "train_log.jsonl"), Path.Combine(outFolder, "loss.png"));
             Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"done: {result.Steps} steps in {result.Elapsed.TotalMinutes:F1} min; train loss {result.FinalLoss:F3}; held-out loss {result.EvalLoss:F3} (perplexity {result.EvalPerplexity:F2}); {result.TokensPerSecond:F0} tokens/s; peak memory {MemoryProbe.Mib(result.PeakBytes)}; saved to {outFolder}"));
