@@ -11,6 +11,7 @@ internal static class CommandCatalog
         yield return Commands.TrainCommand.Create();
         yield return Commands.EvalCommand.Create();
         yield return Commands.MergeCommand.Create();
+        yield return Commands.QuantizeCommand.Create();
         yield return Commands.EstimateCommand.Create();
         yield return Commands.PlanCommand.Create();
     }

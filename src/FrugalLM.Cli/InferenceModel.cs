@@ -2,6 +2,7 @@ using FrugalLM.IO;
 using FrugalLM.Lora;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
+using FrugalLM.Quantization;
 using FrugalLM.Tokenization;
 using static TorchSharp.torch;
 
@@ -40,7 +41,9 @@ internal sealed class InferenceModel : IDisposable
     /// <param name="precision">fp32, bf16 or fp16 (fp16 is a storage format on this CPU).</param>
     /// <param name="batch">Sequences processed together.</param>
     /// <param name="sequence">Tokens per sequence, from the tokenizer (prompt plus new tokens, or the eval length).</param>
-    public static InferenceModel Open(string folder, string? adapter, Planning.Precision precision, int batch, Func<HfTokenizer, LlamaConfig, int> sequence)
+    /// <param name="quantization">Base weights' quantization (a folder saved 8-bit is int8 whatever this says).</param>
+    public static InferenceModel Open(string folder, string? adapter, Planning.Precision precision, int batch, Func<HfTokenizer, LlamaConfig, int> sequence,
+        Planning.Quantization? quantization = null)
     {
         if (precision == Planning.Precision.Bf16Pure)
         {
@@ -56,6 +59,9 @@ internal sealed class InferenceModel : IDisposable
                 Model = ModelSpec.FromLlama(checkpoint.Config, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder))),
                 Mode = RunMode.Generate,
                 Precision = precision,
+                Quantization = Int8Checkpoint.Options(checkpoint) is { } saved
+                    ? new Planning.Quantization(QuantizationKind.Int8, OutlierThreshold: saved.Threshold) { SkipModules = saved.Skip }
+                    : quantization ?? Planning.Quantization.None,
                 Optimizer = OptimizerKind.None,
                 Lora = adapterInfo is null ? null : new LoraSettings(adapterInfo.Config.Rank, adapterInfo.Config.Alpha,
                     // Names map one to one; a regex is estimated as every linear layer (an upper bound).
@@ -73,12 +79,11 @@ internal sealed class InferenceModel : IDisposable
                 Planning.Precision.Fp16 => ScalarType.Float16,
                 _ => ScalarType.Float32,
             };
-            var model = new LlamaForCausalLM(checkpoint.Config, dtype);
-            checkpoint.LoadInto(model);
+            var model = checkpoint.CreateModel(dtype);
             if (adapter is not null)
             {
                 var lora = LoraAdapter.Load(adapter, model);
-                if (precision == Planning.Precision.Fp32)
+                if (precision == Planning.Precision.Fp32 && plan.Quantization.Kind == QuantizationKind.None)
                 {
                     lora.MergeAndUnload(); // exact in fp32, and as fast as the base
                 }

@@ -71,6 +71,9 @@ public sealed record Quantization(
     /// <summary>LLM.int8() with default settings.</summary>
     public static Quantization Int8 { get; } = new(QuantizationKind.Int8);
 
+    /// <summary>Linear layers left unquantized, by name or path (LLM.int8() keeps the output head in 16/32 bits).</summary>
+    public IReadOnlyList<string> SkipModules { get; init; } = ["lm_head"];
+
     /// <summary>NF4 with 64-weight blocks and fp32 absmax.</summary>
     public static Quantization Nf4 { get; } = new(QuantizationKind.Nf4);
 

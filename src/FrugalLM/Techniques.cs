@@ -3,6 +3,7 @@ using FrugalLM.Lora;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
+using FrugalLM.Quantization;
 
 namespace FrugalLM;
 
@@ -34,6 +35,15 @@ public static class Techniques
             {
                 p.requires_grad_(false);
             }
+        }
+        switch (plan.Quantization.Kind)
+        {
+            case QuantizationKind.Int8:
+                // A folder saved 8-bit already has int8 layers; only remaining float linears are quantized.
+                Int8Quantization.Apply(model, new Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules });
+                break;
+            case QuantizationKind.Nf4:
+                throw new NotSupportedException("NF4 is estimated by the planner but the runtime does not implement it yet; use int8");
         }
         LoraModel? lora = null;
         if (plan.Lora is LoraSettings settings)

@@ -27,16 +27,21 @@ internal static class EvalCommand
         var maxNew = new Option<int>("--max-new-tokens") { Description = "Longest greedy completion for accuracy", DefaultValueFactory = _ => 24 };
         var json = new Option<bool>("--json") { Description = "Print the result as JSON" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
+        var quantize = new QuantizeOptions();
         var command = new Command("eval", "Held-out loss, perplexity and (for prompt/completion data) exact-match accuracy")
         {
             model, adapter, data, all, batch, seq, precision, maxBatches, maxNew, json, threads,
         };
+        foreach (var option in quantize.All)
+        {
+            command.Options.Add(option);
+        }
         command.SetAction(pr => CliRunner.Run(() =>
         {
             TorchRuntime.Initialize(pr.GetValue(threads));
             int sequence = pr.GetValue(seq);
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!),
-                pr.GetValue(batch), (_, _) => sequence);
+                pr.GetValue(batch), (_, _) => sequence, quantize.Read(pr));
             var tokenizer = loaded.Tokenizer;
             int eos = tokenizer.EosTokenIds.Count > 0 ? tokenizer.EosTokenIds[0] : throw new ArgumentException("the tokenizer defines no EOS token");
             var corpus = TrainingData.Load(pr.GetValue(data)!, t => tokenizer.Encode(t, addBos: false), eos, tokenizer.PadTokenId ?? eos, sequence);
@@ -47,6 +52,7 @@ internal static class EvalCommand
                 ["model"] = pr.GetValue(model),
                 ["adapter"] = pr.GetValue(adapter),
                 ["precision"] = pr.GetValue(precision),
+                ["quantize"] = pr.GetValue(quantize.Quantize),
                 ["split"] = pr.GetValue(all) ? "all" : "held-out",
                 ["tokens"] = tokens,
                 ["loss"] = loss,

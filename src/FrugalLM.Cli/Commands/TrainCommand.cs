@@ -34,7 +34,7 @@ internal static class TrainCommand
         var seq = new Option<int>("--seq") { Description = "Tokens per sequence", DefaultValueFactory = _ => 256 };
         var accumulation = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step (the loss is normalized over the step's tokens)", DefaultValueFactory = _ => 1 };
         var precision = new Option<string>("--precision") { Description = "fp32; bf16 or fp16 (16-bit compute, fp32 masters; fp16 adds loss scaling and, on a CPU, computes matmuls in fp32); bf16-pure (bf16 weights and optimizer, no masters)", DefaultValueFactory = _ => "fp32" };
-        var gradCheckpointing = new Option<bool>("--grad-checkpointing") { Description = "Keep only decoder-layer inputs and recompute the layers in backward" };
+        var gradCheckpointing = new Option<bool?>("--grad-checkpointing") { Description = "Keep only decoder-layer inputs and recompute the layers in backward (default: on with --quantize int8, as PEFT's prepare_model_for_kbit_training; off otherwise)" };
         var checkpointEvery = new Option<int>("--checkpoint-every") { Description = "With --grad-checkpointing: layers per recomputed segment", DefaultValueFactory = _ => 1 };
         var lossChunk = new Option<int>("--loss-chunk") { Description = "Compute the LM head and loss over chunks of this many tokens, never materializing all logits (0: all at once)", DefaultValueFactory = _ => 0 };
         var loraRank = new Option<int>("--lora-r") { Description = "LoRA rank: freeze the model and train adapters only (0: train every weight); the output is then a PEFT adapter folder", DefaultValueFactory = _ => 0 };
@@ -56,12 +56,17 @@ internal static class TrainCommand
         var saveDtype = new Option<string>("--save-dtype") { Description = "Dtype of saved weights: float32, bfloat16 or float16", DefaultValueFactory = _ => "float32" };
         var samplePrompt = new Option<string?>("--sample-prompt") { Description = "Print a sample continuation of this prompt before and after training" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
+        var quantize = new QuantizeOptions();
         var command = new Command("train", "Train a LLaMA model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
             samplePrompt, threads,
         };
+        foreach (var option in quantize.All)
+        {
+            command.Options.Add(option);
+        }
         command.SetAction(pr => CliRunner.Run(() =>
         {
             TorchRuntime.Initialize(pr.GetValue(threads));
@@ -105,7 +110,9 @@ internal static class TrainCommand
                 Mode = RunMode.Train,
                 Precision = PlanNames.ParsePrecision(pr.GetValue(precision)!),
                 Optimizer = PlanNames.ParseOptimizer(pr.GetValue(optimizer)!),
-                Checkpointing = pr.GetValue(gradCheckpointing) ? new Checkpointing(pr.GetValue(checkpointEvery)) : Checkpointing.None,
+                Quantization = quantize.Read(pr),
+                Checkpointing = pr.GetValue(gradCheckpointing) ?? quantize.Read(pr).Kind == QuantizationKind.Int8
+                    ? new Checkpointing(pr.GetValue(checkpointEvery)) : Checkpointing.None,
                 Loss = pr.GetValue(lossChunk) > 0 ? new LossComputation(true, pr.GetValue(lossChunk)) : LossComputation.Full,
                 Lora = pr.GetValue(loraRank) > 0
                     ? new LoraSettings(pr.GetValue(loraRank), pr.GetValue(loraAlpha) ?? 2.0 * pr.GetValue(loraRank),
@@ -132,12 +139,8 @@ internal static class TrainCommand
             var report = MemoryReport.Predict(plan);
             CliRunner.Status(report.PredictionLine());
 
-            using var llama = new LlamaForCausalLM(architecture);
-            if (checkpoint is not null)
-            {
-                checkpoint.LoadInto(llama);
-            }
-            else
+            using var llama = checkpoint?.CreateModel() ?? new LlamaForCausalLM(architecture);
+            if (checkpoint is null)
             {
                 llama.InitializeWeights(pr.GetValue(seed));
             }

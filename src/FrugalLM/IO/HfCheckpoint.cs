@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
+using FrugalLM.Quantization;
 using static TorchSharp.torch;
 
 namespace FrugalLM.IO;
@@ -31,7 +32,11 @@ public sealed class HfCheckpoint : IDisposable
         Folder = folder;
         Config = config;
         Generation = generation;
+        RawConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(folder, "config.json"))) as JsonObject ?? [];
     }
+
+    /// <summary>config.json as read, for fields outside the architecture (<c>quantization_config</c>).</summary>
+    public JsonObject RawConfig { get; }
 
     /// <summary>The model folder.</summary>
     public string Folder { get; }
@@ -67,14 +72,31 @@ public sealed class HfCheckpoint : IDisposable
         }
     }
 
-    /// <summary>Opens <paramref name="folder"/> and loads it into a new model whose weights are <paramref name="dtype"/>.</summary>
+    /// <summary>
+    /// Opens <paramref name="folder"/> and loads it into a new model whose floating weights are
+    /// <paramref name="dtype"/>. A folder saved 8-bit (bitsandbytes layout) gets int8 linear layers.
+    /// </summary>
     public static LlamaForCausalLM LoadModel(string folder, ScalarType dtype = ScalarType.Float32)
     {
         using var checkpoint = Open(folder);
-        var model = new LlamaForCausalLM(checkpoint.Config, dtype);
+        return checkpoint.CreateModel(dtype);
+    }
+
+
+    /// <summary>
+    /// A new model shaped as this checkpoint (int8 linear layers when it was saved 8-bit) with its weights
+    /// loaded, floating ones in <paramref name="dtype"/>.
+    /// </summary>
+    public LlamaForCausalLM CreateModel(ScalarType dtype = ScalarType.Float32)
+    {
+        var model = new LlamaForCausalLM(Config, dtype);
         try
         {
-            checkpoint.LoadInto(model);
+            if (Int8Checkpoint.Options(this) is { } int8)
+            {
+                Int8Checkpoint.ReplaceWithEmpty(model, int8);
+            }
+            LoadInto(model);
             return model;
         }
         catch
@@ -90,14 +112,19 @@ public sealed class HfCheckpoint : IDisposable
             ? file.Load(name, dtype)
             : throw new CheckpointFormatException(Folder, $"tensor '{name}' is not in the checkpoint");
 
+    /// <summary>Every parameter and persistent buffer of a model by name: what a checkpoint holds.</summary>
+    public static IEnumerable<(string Name, Tensor Tensor)> State(nn.Module model) =>
+        model.named_parameters().Select(p => (p.name, (Tensor)p.parameter))
+            .Concat(model.named_buffers(include_nonpersistent: false).Select(b => (b.name, b.buffer)));
+
     /// <summary>
-    /// Copies every parameter of <paramref name="model"/> from the checkpoint. Strict: a missing key, an
+    /// Copies every parameter and persistent buffer of <paramref name="model"/> from the checkpoint. Strict: a missing key, an
     /// unexpected key or a shape mismatch is an error naming the file, the tensor and both shapes, raised
     /// before any weight is written, so a failed load never leaves a half-loaded model.
     /// </summary>
     public void LoadInto(nn.Module model)
     {
-        var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter, StringComparer.Ordinal);
+        var parameters = State(model).ToDictionary(p => p.Name, p => p.Tensor, StringComparer.Ordinal);
         var problems = new List<string>();
         foreach (var (name, parameter) in parameters)
         {
@@ -146,8 +173,9 @@ public sealed class HfCheckpoint : IDisposable
     /// <param name="generation">Generation defaults to write beside the weights.</param>
     /// <param name="maxShardBytes">Largest shard.</param>
     /// <param name="sources">Tensors to save instead of the model's own, by name (mixed precision's fp32 masters).</param>
+    /// <param name="extraConfig">Fields added to config.json (an int8 model's <c>quantization_config</c>).</param>
     public static void Save(LlamaForCausalLM model, string folder, ScalarType? dtype = null, GenerationConfig? generation = null, long maxShardBytes = 2L << 30,
-        IEnumerable<(string Name, Tensor Tensor)>? sources = null)
+        IEnumerable<(string Name, Tensor Tensor)>? sources = null, JsonObject? extraConfig = null)
     {
         Directory.CreateDirectory(folder);
         var type = dtype ?? model.Dtype;
@@ -158,12 +186,14 @@ public sealed class HfCheckpoint : IDisposable
             _ => throw new ArgumentException($"weights can be saved as float32, float16 or bfloat16, not {type}", nameof(dtype)),
         };
         var replaced = (sources ?? []).ToDictionary(s => s.Name, s => s.Tensor);
-        var parameters = model.named_parameters().Select(p => (p.name, replaced.GetValueOrDefault(p.name) ?? p.parameter)).ToList();
+        var parameters = State(model).Select(p => (p.Name, replaced.GetValueOrDefault(p.Name) ?? p.Tensor)).ToList();
+        // Buffers (an int8 layer's weight, SCB and format) are stored as they are; only parameters change dtype.
+        var buffers = model.named_buffers(include_nonpersistent: false).Select(b => b.name).ToHashSet(StringComparer.Ordinal);
         var shards = new List<List<(string Name, Tensor Tensor)>> { new() };
         long shardBytes = 0, totalBytes = 0;
         foreach (var (name, parameter) in parameters)
         {
-            long bytes = parameter.numel() * elementSize;
+            long bytes = parameter.numel() * (parameter.is_floating_point() && !buffers.Contains(name) ? elementSize : parameter.element_size());
             if (shardBytes > 0 && shardBytes + bytes > maxShardBytes)
             {
                 shards.Add([]);
@@ -180,7 +210,7 @@ public sealed class HfCheckpoint : IDisposable
             var file = shards.Count == 1
                 ? SingleFile
                 : string.Create(CultureInfo.InvariantCulture, $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors");
-            SafeTensors.Write(Path.Combine(folder, file), shards[i], dtype: type);
+            SafeTensors.Write(Path.Combine(folder, file), shards[i], dtype: type, keepDtype: buffers);
             written.Add(file);
             foreach (var (name, _) in shards[i])
             {
@@ -196,8 +226,12 @@ public sealed class HfCheckpoint : IDisposable
             written.Add(IndexFile);
         }
         generation?.Save(folder);
-        var config = model.Config with { TorchDtype = DtypeName(type) };
-        AtomicFile.WriteText(Path.Combine(folder, "config.json"), config.ToJson().ToJsonString(indented) + "\n");
+        var config = (model.Config with { TorchDtype = DtypeName(type) }).ToJson();
+        foreach (var (key, value) in extraConfig ?? [])
+        {
+            config[key] = value?.DeepClone();
+        }
+        AtomicFile.WriteText(Path.Combine(folder, "config.json"), config.ToJsonString(indented) + "\n");
         foreach (var stale in Directory.EnumerateFiles(folder, "model*.safetensors*"))
         {
             if (!written.Contains(Path.GetFileName(stale)))

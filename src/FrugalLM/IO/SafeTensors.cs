@@ -348,12 +348,19 @@ public static unsafe class SafeTensors
     /// Writes tensors to <paramref name="path"/> atomically, HF-readable: the header is padded with spaces to
     /// a multiple of 8 bytes, carries <c>{"format": "pt"}</c> metadata (transformers requires it), and
     /// tensors are ordered by element size (largest first), then name, so every tensor is aligned to its
-    /// element size. Tensors are copied out (and converted to <paramref name="dtype"/>, when given) one at a
-    /// time; nothing is gathered in memory.
+    /// element size. Tensors are copied out one at a time (floating-point ones converted to
+    /// <paramref name="dtype"/>, when given; integer and boolean ones keep theirs); nothing is gathered in memory.
     /// </summary>
-    public static void Write(string path, IReadOnlyList<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string>? metadata = null, ScalarType? dtype = null)
+    /// <param name="path">The file.</param>
+    /// <param name="tensors">Named tensors.</param>
+    /// <param name="metadata">Extra <c>__metadata__</c> strings.</param>
+    /// <param name="dtype">Dtype for floating-point tensors (null keeps each tensor's).</param>
+    /// <param name="keepDtype">Names of tensors whose dtype never changes (an int8 layer's fp32 scales).</param>
+    public static void Write(string path, IReadOnlyList<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string>? metadata = null,
+        ScalarType? dtype = null, IReadOnlySet<string>? keepDtype = null)
     {
-        ScalarType TypeOf(Tensor t) => dtype ?? t.dtype;
+        var kept = tensors.Where(t => keepDtype?.Contains(t.Name) == true).Select(t => t.Tensor).ToHashSet(ReferenceEqualityComparer.Instance);
+        ScalarType TypeOf(Tensor t) => dtype is ScalarType d && t.is_floating_point() && !kept.Contains(t) ? d : t.dtype;
         long SizeOf(Tensor t) => ElementSize(FromScalarType(TypeOf(t)))!.Value;
         var names = new HashSet<string>();
         foreach (var (name, _) in tensors)

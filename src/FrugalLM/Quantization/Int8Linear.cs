@@ -30,6 +30,7 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
     private const string WeightName = "weight";
     private const string ScaleName = "SCB";
     private const string BiasName = "bias";
+    private const string FormatName = "weight_format";
 
     /// <summary>Wraps already-quantized parts; the module takes ownership of the tensors.</summary>
     /// <param name="weight">int8 [out, in].</param>
@@ -64,6 +65,8 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
         // A module owns its tensors for its whole life: no dispose scope of the caller may free them.
         register_buffer(WeightName, Contiguous(weight).DetachFromDisposeScope());
         register_buffer(ScaleName, Contiguous(scb).DetachFromDisposeScope());
+        // bitsandbytes writes weight_format = 0 (row-major) beside SCB; kept so saved folders match its layout.
+        register_buffer(FormatName, zeros([], dtype: ScalarType.Byte).DetachFromDisposeScope());
         if (bias is not null)
         {
             var parameter = bias as Parameter ?? new Parameter(Contiguous(bias), requires_grad: false);

@@ -33,7 +33,7 @@ public static class Int8Quantization
     {
         ArgumentNullException.ThrowIfNull(root);
         options ??= new Int8Options();
-        var targets = ModuleTree.Find(root, (path, module) => module is Linear && !Skipped(path, options.Skip));
+        var targets = ModuleTree.Find(root, (path, module) => module is Linear && !IsSkipped(path, options.Skip));
         var replaced = new List<string>(targets.Count);
         foreach (var (path, module) in targets)
         {
@@ -49,7 +49,8 @@ public static class Int8Quantization
         return replaced;
     }
 
-    private static bool Skipped(string path, IReadOnlyList<string> skip) =>
+    /// <summary>Whether <paramref name="path"/> is one of the skipped modules (by path or by name).</summary>
+    public static bool IsSkipped(string path, IReadOnlyList<string> skip) =>
         skip.Any(s => path == s || path.EndsWith("." + s, StringComparison.Ordinal));
 
     /// <summary>
