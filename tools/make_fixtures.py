@@ -371,7 +371,10 @@ def plain_linear(x, p, module):
     return F.linear(x, p[module + ".weight"])
 
 
-def attention(x, p, prefix, cfg, cos, sin, linear=plain_linear):
+def attention(x, p, prefix, cfg, cos, sin, linear=plain_linear, cache=None):
+    """`cache`, when given, is this layer's KV cache (a dict, empty before the first call): the new keys
+    and values (after RoPE, before repeat_kv) are appended to it and the queries attend to all of them.
+    cos and sin are those of the new positions."""
     batch, seq, _ = x.shape
     heads, kv_heads, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     q = linear(x, p, prefix + "q_proj").view(batch, seq, heads, d).transpose(1, 2)
@@ -379,12 +382,21 @@ def attention(x, p, prefix, cfg, cos, sin, linear=plain_linear):
     v = linear(x, p, prefix + "v_proj").view(batch, seq, kv_heads, d).transpose(1, 2)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
+    past = 0
+    if cache is not None:
+        if cache:
+            past = cache["k"].shape[2]
+            k = torch.cat((cache["k"], k), dim=2)
+            v = torch.cat((cache["v"], v), dim=2)
+        cache["k"], cache["v"] = k, v
+    total = past + seq
     # repeat_kv: KV head j serves query heads j*g .. j*g+g-1.
     g = heads // kv_heads
-    k = k[:, :, None].expand(batch, kv_heads, g, seq, d).reshape(batch, heads, seq, d)
-    v = v[:, :, None].expand(batch, kv_heads, g, seq, d).reshape(batch, heads, seq, d)
+    k = k[:, :, None].expand(batch, kv_heads, g, total, d).reshape(batch, heads, total, d)
+    v = v[:, :, None].expand(batch, kv_heads, g, total, d).reshape(batch, heads, total, d)
     scores = torch.matmul(q, k.transpose(2, 3)) * d ** -0.5
-    causal = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+    # Query i sits at position past + i and sees keys 0 .. past + i.
+    causal = torch.ones(seq, total, dtype=torch.bool).triu(1 + past)
     scores = scores.masked_fill(causal, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(q.dtype)
     out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, heads * d)
@@ -400,17 +412,36 @@ def lm_head_weight(p):
     return p["lm_head.weight"] if "lm_head.weight" in p else p["model.embed_tokens.weight"]
 
 
-def forward(p, cfg, ids, inv_freq=None, linear=plain_linear):
-    """Returns (logits, final normed hidden states). `linear(x, p, module)` computes each linear layer."""
+def decoder_layer(h, p, prefix, cfg, cos, sin, linear=plain_linear, cache=None):
+    eps = cfg["rms_norm_eps"]
+    h = h + attention(rms_norm(h, p[prefix + "input_layernorm.weight"], eps), p, prefix + "self_attn.", cfg,
+                      cos, sin, linear, cache)
+    return h + mlp(rms_norm(h, p[prefix + "post_attention_layernorm.weight"], eps), p, prefix + "mlp.", linear)
+
+
+def call_directly(layer, *args):
+    return layer(*args)
+
+
+def forward(p, cfg, ids, inv_freq=None, linear=plain_linear, cache=None, call_layer=call_directly):
+    """Returns (logits, final normed hidden states). `linear(x, p, module)` computes each linear layer.
+    `cache`: a KV cache (one dict per layer, empty at first, see attention()) that the call extends; ids
+    are then the tokens after the cached ones. `call_layer(decoder_layer, *args)` runs each decoder layer
+    (tools/peer_bench.py wraps it in activation checkpointing)."""
     eps = cfg["rms_norm_eps"]
     embed = p["model.embed_tokens.weight"]
-    cos, sin = rope_cos_sin(rope_inv_freq(cfg) if inv_freq is None else inv_freq, ids.shape[1], embed.dtype)
+    inv_freq = rope_inv_freq(cfg) if inv_freq is None else inv_freq
+    past = cache[0]["k"].shape[2] if cache is not None and cache[0] else 0
+    # cos and sin in float32 (float64 in the precision check), then in the weights' dtype, as
+    # LlamaRotaryEmbedding returns them (a no-op for float32 and float64; bf16 positions would be inexact).
+    cos, sin = rope_cos_sin(inv_freq, past + ids.shape[1], compute_dtype(embed.dtype))
+    cos, sin = cos.to(embed.dtype), sin.to(embed.dtype)
+    if past:
+        cos, sin = cos[past:], sin[past:]
     h = F.embedding(ids, embed)
     for layer in range(cfg["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}."
-        h = h + attention(rms_norm(h, p[prefix + "input_layernorm.weight"], eps), p, prefix + "self_attn.", cfg,
-                          cos, sin, linear)
-        h = h + mlp(rms_norm(h, p[prefix + "post_attention_layernorm.weight"], eps), p, prefix + "mlp.", linear)
+        h = call_layer(decoder_layer, h, p, f"model.layers.{layer}.", cfg, cos, sin, linear,
+                       None if cache is None else cache[layer])
     h = rms_norm(h, p["model.norm.weight"], eps)
     if "lm_head.weight" in p:
         return linear(h, p, "lm_head"), h
