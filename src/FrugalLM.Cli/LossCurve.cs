@@ -27,7 +27,7 @@ internal static class LossCurve
         }
         plot.XLabel("step");
         plot.YLabel("loss (nats per token)");
-        plot.ShowLegend();
+        plot.ShowLegend(ScottPlot.Alignment.UpperRight);
         var temp = png + ".tmp.png";
         plot.SavePng(temp, 800, 500);
         File.Move(temp, png, overwrite: true);
