@@ -71,24 +71,22 @@ internal sealed class InferenceModel : IDisposable
                 Device = ComputeDevice.Cpu,
             };
             var report = MemoryReport.Predict(plan);
-            // Weights are read straight into the plan's dtype; the adapter (fp32, as PEFT keeps it) goes on top
-            // and the plan's techniques do the rest (LoRA is already there, so the plan applied omits it).
+            // Weights are read straight into the plan's dtype; the plan's techniques do the rest in their order
+            // (quantize, then the saved adapter in the LoRA step, then the precision).
             var dtype = precision switch
             {
                 Planning.Precision.Bf16 => ScalarType.BFloat16,
                 Planning.Precision.Fp16 => ScalarType.Float16,
                 _ => ScalarType.Float32,
             };
-            var model = checkpoint.CreateModel(dtype);
-            if (adapter is not null)
+            var model = checkpoint.CreateModel(dtype, plan.Quantization.Kind == QuantizationKind.Int8
+                ? new Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
+                : null);
+            var applied = Techniques.Apply(model, plan, adapter: adapter is null ? null : m => LoraAdapter.Load(adapter, m));
+            if (applied.Lora is { } lora && precision == Planning.Precision.Fp32 && plan.Quantization.Kind == QuantizationKind.None)
             {
-                var lora = LoraAdapter.Load(adapter, model);
-                if (precision == Planning.Precision.Fp32 && plan.Quantization.Kind == QuantizationKind.None)
-                {
-                    lora.MergeAndUnload(); // exact in fp32, and as fast as the base
-                }
+                lora.MergeAndUnload(); // exact in fp32, and as fast as the base
             }
-            var applied = Techniques.Apply(model, plan with { Lora = null });
             model.eval();
             return new InferenceModel(checkpoint, tokenizer, model, report, applied);
         }

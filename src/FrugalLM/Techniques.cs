@@ -27,7 +27,9 @@ public static class Techniques
     /// <param name="model">The loaded model.</param>
     /// <param name="plan">The plan.</param>
     /// <param name="seed">Seed of new adapters' initialization.</param>
-    public static AppliedTechniques Apply(LlamaForCausalLM model, RunPlan plan, long seed = 0)
+    /// <param name="adapter">Loads existing adapters in the LoRA step instead of creating the plan's (generation
+    /// and evaluation with a saved adapter).</param>
+    public static AppliedTechniques Apply(LlamaForCausalLM model, RunPlan plan, long seed = 0, Func<LlamaForCausalLM, LoraModel>? adapter = null)
     {
         if (!plan.Trains)
         {
@@ -45,13 +47,20 @@ public static class Techniques
             case QuantizationKind.Nf4:
                 throw new NotSupportedException("NF4 is estimated by the planner but the runtime does not implement it yet; use int8");
         }
-        LoraModel? lora = null;
-        if (plan.Lora is LoraSettings settings)
+        LoraModel? lora = adapter?.Invoke(model);
+        if (lora is null && plan.Lora is LoraSettings settings)
         {
             var targets = settings.TargetModules is [LoraSettings.AllLinear]
                 ? LoraTargets.AllLinear
                 : LoraTargets.FromNames(settings.TargetModules);
             lora = LoraModel.Apply(model, new LoraConfig { Rank = settings.Rank, Alpha = settings.Alpha, Dropout = settings.Dropout, Targets = targets }, seed: seed);
+        }
+        if (!plan.Trains)
+        {
+            foreach (var p in model.parameters())
+            {
+                p.requires_grad_(false); // loaded adapters arrive trainable
+            }
         }
         var precision = MixedPrecision.Apply(model, plan.Precision, plan.GradientAccumulationSteps);
         if (plan.Trains && plan.Checkpointing.Enabled)

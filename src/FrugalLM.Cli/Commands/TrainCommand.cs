@@ -139,7 +139,9 @@ internal static class TrainCommand
             var report = MemoryReport.Predict(plan);
             CliRunner.Status(report.PredictionLine());
 
-            using var llama = checkpoint?.CreateModel() ?? new LlamaForCausalLM(architecture);
+            using var llama = checkpoint?.CreateModel(quantize: plan.Quantization.Kind == QuantizationKind.Int8
+                ? new Quantization.Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
+                : null) ?? new LlamaForCausalLM(architecture);
             if (checkpoint is null)
             {
                 llama.InitializeWeights(pr.GetValue(seed));

@@ -114,7 +114,11 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             var segment = (ActivationCheckpointing.Segment)vars[3];
             ctx.save_for_backward([hidden, cos, sin, mask]);
             ctx.save_data("segment", segment);
-            ctx.save_data("rng", get_rng_state().DetachFromDisposeScope());
+            // Kept as bytes: TorchSharp's context stores tensors only through save_for_backward.
+            using (var rng = get_rng_state())
+            {
+                ctx.save_data("rng", rng.data<byte>().ToArray());
+            }
             ctx.save_data("parameters", vars.Length - 5);
             using var noGrad = no_grad();
             return segment.Run(hidden, Context(cos, sin, mask));
@@ -124,7 +128,7 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
         {
             var saved = ctx.get_saved_variables();
             var segment = (ActivationCheckpointing.Segment)ctx.get_data("segment");
-            using var rng = (Tensor)ctx.get_data("rng");
+            using var rng = tensor((byte[])ctx.get_data("rng"));
             var parameters = segment.Trainable();
             using var current = get_rng_state();
             set_rng_state(rng);

@@ -87,12 +87,15 @@ public sealed class HfCheckpoint : IDisposable
     /// A new model shaped as this checkpoint (int8 linear layers when it was saved 8-bit) with its weights
     /// loaded, floating ones in <paramref name="dtype"/>.
     /// </summary>
-    public LlamaForCausalLM CreateModel(ScalarType dtype = ScalarType.Float32)
+    /// <param name="dtype">Dtype of the floating weights.</param>
+    /// <param name="quantize">Quantize a float checkpoint's linear layers to int8 while loading (each float
+    /// weight is read and quantized one at a time, so the float model never exists in memory).</param>
+    public LlamaForCausalLM CreateModel(ScalarType dtype = ScalarType.Float32, Int8Options? quantize = null)
     {
         var model = new LlamaForCausalLM(Config, dtype);
         try
         {
-            if (Int8Checkpoint.Options(this) is { } int8)
+            if ((Int8Checkpoint.Options(this) ?? quantize) is { } int8)
             {
                 Int8Checkpoint.ReplaceWithEmpty(model, int8);
             }
@@ -125,6 +128,20 @@ public sealed class HfCheckpoint : IDisposable
     public void LoadInto(nn.Module model)
     {
         var parameters = State(model).ToDictionary(p => p.Name, p => p.Tensor, StringComparer.Ordinal);
+        // Int8 layers over a float checkpoint quantize their weight while loading; their SCB and format come
+        // from that, not from the file.
+        var quantizeOnLoad = model.named_modules()
+            .Where(m => m.module is Int8Linear && tensorFiles.TryGetValue(m.name + ".weight", out var f) && f.Get(m.name + ".weight").Dtype is "F32" or "F16" or "BF16")
+            .Select(m => (m.name, (Int8Linear)m.module))
+            .ToList();
+        var quantized = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var (path, _) in quantizeOnLoad)
+        {
+            parameters.Remove(path + ".weight");
+            parameters.Remove(path + ".SCB");
+            parameters.Remove(path + ".weight_format");
+            quantized.Add(path + ".weight");
+        }
         var problems = new List<string>();
         foreach (var (name, parameter) in parameters)
         {
@@ -139,7 +156,15 @@ public sealed class HfCheckpoint : IDisposable
                 problems.Add($"{Path.GetFileName(file.Path)}: tensor '{name}' has shape {info.ShapeText} but the model expects {SafeTensors.ShapeText(parameter.shape)}");
             }
         }
-        foreach (var name in tensorFiles.Keys.Where(n => !parameters.ContainsKey(n) && !Ignorable(n)).Order(StringComparer.Ordinal))
+        foreach (var (path, layer) in quantizeOnLoad)
+        {
+            var info = tensorFiles[path + ".weight"].Get(path + ".weight");
+            if (!info.Shape.SequenceEqual(layer.Weight.shape))
+            {
+                problems.Add($"{Path.GetFileName(tensorFiles[path + ".weight"].Path)}: tensor '{path}.weight' has shape {info.ShapeText} but the model expects {SafeTensors.ShapeText(layer.Weight.shape)}");
+            }
+        }
+        foreach (var name in tensorFiles.Keys.Where(n => !parameters.ContainsKey(n) && !quantized.Contains(n) && !Ignorable(n)).Order(StringComparer.Ordinal))
         {
             problems.Add($"{Path.GetFileName(tensorFiles[name].Path)}: unexpected tensor '{name}' (the model has no such parameter)");
         }
@@ -152,6 +177,11 @@ public sealed class HfCheckpoint : IDisposable
         foreach (var (name, parameter) in parameters)
         {
             tensorFiles[name].CopyTo(name, parameter);
+        }
+        foreach (var (path, layer) in quantizeOnLoad)
+        {
+            using var weight = Load(path + ".weight");
+            layer.LoadFloatWeight(weight);
         }
     }
 

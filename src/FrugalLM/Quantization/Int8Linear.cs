@@ -101,12 +101,36 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
         ArgumentNullException.ThrowIfNull(linear);
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var w = linear.weight!.detach().to(ScalarType.Float32);
+        var (cb, scb) = QuantizeRows(linear.weight!);
+        var bias = linear.bias is { } b ? b.detach().clone() : null;
+        return new Int8Linear(cb, scb, bias, threshold);
+    }
+
+    /// <summary>
+    /// Quantizes a float weight [out, in] into this layer's int8 weight and SCB (quantize-on-load: the float
+    /// weight is read one tensor at a time and never kept).
+    /// </summary>
+    public void LoadFloatWeight(Tensor weight)
+    {
+        if (!weight.shape.SequenceEqual(Weight.shape))
+        {
+            throw new ArgumentException($"weight [{string.Join(", ", weight.shape)}] does not fit this layer's [{string.Join(", ", Weight.shape)}]", nameof(weight));
+        }
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var (cb, scb) = QuantizeRows(weight);
+        Weight.copy_(cb);
+        Scb.copy_(scb);
+    }
+
+    // Row-wise absmax quantization (bitsandbytes' CB and SCB): CB = round(W * 127 / absmax(row)).
+    private static (Tensor Cb, Tensor Scb) QuantizeRows(Tensor weight)
+    {
+        var w = weight.detach().to(ScalarType.Float32);
         var scb = w.abs().amax([1L]);
         var safe = scb.where(scb.gt(0), ones_like(scb));
         var cb = (w * (127.0 / safe).unsqueeze(1)).round_().clamp_(-127, 127).to(ScalarType.Int8);
-        var bias = linear.bias is { } b ? b.detach().clone() : null;
-        return new Int8Linear(cb, scb, bias, threshold);
+        return (cb, scb);
     }
 
     /// <inheritdoc />

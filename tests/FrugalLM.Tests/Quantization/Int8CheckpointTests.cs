@@ -51,6 +51,33 @@ public sealed class Int8CheckpointTests
     }
 
     [Fact]
+    public void QuantizingWhileLoadingEqualsQuantizingTheLoadedFloatModel()
+    {
+        using var dir = TestSupport.TempDir();
+        using (var source = new LlamaForCausalLM(TestSupport.TinyConfig()))
+        {
+            source.InitializeWeights(seed: 9, std: 0.2);
+            HfCheckpoint.Save(source, dir.Path);
+        }
+        var options = new Int8Options { Threshold = 4.0 };
+        using var checkpoint = HfCheckpoint.Open(dir.Path);
+        using var onLoad = checkpoint.CreateModel(quantize: options);
+        using var afterLoad = checkpoint.CreateModel();
+        Int8Quantization.Apply(afterLoad, options);
+        foreach (var path in new[] { "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj" })
+        {
+            var a = (Int8Linear)ModuleTree.Get(onLoad, path);
+            var b = (Int8Linear)ModuleTree.Get(afterLoad, path);
+            Assert.True(a.Weight.Same(b.Weight), path);
+            Assert.True(a.Scb.Same(b.Scb), path);
+            Assert.Equal(4.0, a.Threshold);
+        }
+        using var ids = randint(0, 101, [1, 7], dtype: ScalarType.Int64);
+        using var noGrad = no_grad();
+        Assert.True(onLoad.forward(ids).Same(afterLoad.forward(ids)));
+    }
+
+    [Fact]
     public void FourBitFoldersAreRefusedClearly()
     {
         using var dir = TestSupport.TempDir();
