@@ -92,7 +92,8 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
         {
             return segment.Run(hidden, context);
         }
-        var inputs = new List<object> { hidden, context.Cos, context.Sin, segment, context.AttentionMask ?? empty(0) };
+        // Absent tensors travel as empty ones: the function's inputs are a fixed list.
+        var inputs = new List<object> { hidden, context.Cos ?? empty(0), context.Sin ?? empty(0), segment, context.AttentionMask ?? empty(0) };
         inputs.AddRange(segment.Trainable());
         return CheckpointFunction.apply([.. inputs]);
     }
@@ -148,7 +149,11 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             return result;
         }
 
-        private static DecoderContext Context(Tensor cos, Tensor sin, Tensor mask) =>
-            new() { Cos = cos, Sin = sin, AttentionMask = mask.numel() == 0 ? null : mask };
+        private static DecoderContext Context(Tensor cos, Tensor sin, Tensor mask) => new()
+        {
+            Cos = cos.numel() == 0 ? null : cos,
+            Sin = sin.numel() == 0 ? null : sin,
+            AttentionMask = mask.numel() == 0 ? null : mask,
+        };
     }
 }

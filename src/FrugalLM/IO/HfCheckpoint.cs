@@ -27,13 +27,22 @@ public sealed class HfCheckpoint : IDisposable
     private readonly List<SafeTensorsFile> files = [];
     private readonly Dictionary<string, SafeTensorsFile> tensorFiles = new(StringComparer.Ordinal);
 
-    private HfCheckpoint(string folder, LlamaConfig config, GenerationConfig? generation)
+    private readonly LlamaConfig? llama;
+
+    private HfCheckpoint(string folder, JsonObject raw, LlamaConfig? llama, OptConfig? opt, GenerationConfig? generation)
     {
         Folder = folder;
-        Config = config;
+        RawConfig = raw;
+        this.llama = llama;
+        Opt = opt;
         Generation = generation;
-        RawConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(folder, "config.json"))) as JsonObject ?? [];
     }
+
+    /// <summary>HF <c>model_type</c> (llama, mistral, opt).</summary>
+    public string ModelType => RawConfig["model_type"]?.GetValue<string>() ?? "";
+
+    /// <summary>The OPT configuration, for an OPT checkpoint.</summary>
+    public OptConfig? Opt { get; }
 
     /// <summary>config.json as read, for fields outside the architecture (<c>quantization_config</c>).</summary>
     public JsonObject RawConfig { get; }
@@ -41,8 +50,9 @@ public sealed class HfCheckpoint : IDisposable
     /// <summary>The model folder.</summary>
     public string Folder { get; }
 
-    /// <summary>The architecture from <c>config.json</c>.</summary>
-    public LlamaConfig Config { get; }
+    /// <summary>The LLaMA-family architecture from <c>config.json</c>.</summary>
+    /// <exception cref="ModelConfigException">The checkpoint is of another architecture (see <see cref="ModelType"/>).</exception>
+    public LlamaConfig Config => llama ?? throw new ModelConfigException($"{Folder}: a {ModelType} checkpoint has no LLaMA configuration");
 
     /// <summary>The folder's generation defaults, if it has any.</summary>
     public GenerationConfig? Generation { get; }
@@ -59,7 +69,26 @@ public sealed class HfCheckpoint : IDisposable
         {
             throw new CheckpointFormatException(folder, "model folder not found");
         }
-        var checkpoint = new HfCheckpoint(folder, LlamaConfig.Load(folder), GenerationConfig.Load(folder));
+        var configPath = Path.Combine(folder, "config.json");
+        if (!File.Exists(configPath))
+        {
+            throw new ModelConfigException($"{configPath}: no config.json found");
+        }
+        var text = File.ReadAllText(configPath);
+        JsonObject raw;
+        try
+        {
+            raw = JsonNode.Parse(text) as JsonObject ?? throw new ModelConfigException($"{configPath}: not a JSON object");
+        }
+        catch (JsonException e)
+        {
+            throw new ModelConfigException($"{configPath}: not valid JSON ({e.Message})");
+        }
+        bool isOpt = raw["model_type"] is JsonValue v && v.TryGetValue<string>(out var type) && type == "opt";
+        var checkpoint = new HfCheckpoint(folder, raw,
+            isOpt ? null : LlamaConfig.Parse(text, configPath),
+            isOpt ? OptConfig.Parse(text, configPath) : null,
+            GenerationConfig.Load(folder));
         try
         {
             checkpoint.OpenWeights();

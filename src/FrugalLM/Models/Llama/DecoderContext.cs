@@ -5,11 +5,11 @@ namespace FrugalLM.Models.Llama;
 /// <summary>What every decoder layer of one forward pass shares: rotary tables, the cache, the mask.</summary>
 public sealed class DecoderContext
 {
-    /// <summary>Rotary cos table [T, head_dim] in the compute dtype.</summary>
-    public required Tensor Cos { get; init; }
+    /// <summary>Rotary cos table [T, head_dim] in the compute dtype (null for architectures without RoPE).</summary>
+    public Tensor? Cos { get; init; }
 
-    /// <summary>Rotary sin table [T, head_dim] in the compute dtype.</summary>
-    public required Tensor Sin { get; init; }
+    /// <summary>Rotary sin table [T, head_dim] in the compute dtype (null for architectures without RoPE).</summary>
+    public Tensor? Sin { get; init; }
 
     /// <summary>The KV cache, when decoding incrementally.</summary>
     public KvCache? Cache { get; init; }

@@ -14,14 +14,20 @@ public sealed class KvCache : IDisposable
 
     /// <summary>Allocates a cache for <paramref name="capacity"/> positions of <paramref name="batch"/> sequences.</summary>
     public KvCache(LlamaConfig config, int batch, int capacity, ScalarType dtype)
+        : this(config.NumHiddenLayers, batch, config.NumKeyValueHeads, capacity, config.HeadDim, dtype)
+    {
+    }
+
+    /// <summary>Allocates a cache of <paramref name="layers"/> layers of [batch, kvHeads, capacity, headDim].</summary>
+    public KvCache(int layers, int batch, int kvHeads, int capacity, int headDim, ScalarType dtype)
     {
         Capacity = capacity;
-        keys = new Tensor[config.NumHiddenLayers];
-        values = new Tensor[config.NumHiddenLayers];
+        keys = new Tensor[layers];
+        values = new Tensor[layers];
         for (int i = 0; i < keys.Length; i++)
         {
-            keys[i] = zeros(batch, config.NumKeyValueHeads, capacity, config.HeadDim, dtype);
-            values[i] = zeros(batch, config.NumKeyValueHeads, capacity, config.HeadDim, dtype);
+            keys[i] = zeros(batch, kvHeads, capacity, headDim, dtype);
+            values[i] = zeros(batch, kvHeads, capacity, headDim, dtype);
         }
     }
 

@@ -51,8 +51,10 @@ public sealed class LlamaAttention : nn.Module<Tensor, DecoderContext, Tensor>
         var q = qProj.forward(x).view(batch, t, heads, headDim).transpose(1, 2);
         var k = kProj.forward(x).view(batch, t, kvHeads, headDim).transpose(1, 2);
         var v = vProj.forward(x).view(batch, t, kvHeads, headDim).transpose(1, 2);
-        q = Rotary.Apply(q, context.Cos, context.Sin);
-        k = Rotary.Apply(k, context.Cos, context.Sin);
+        var cos = context.Cos ?? throw new InvalidOperationException("LLaMA attention needs the rotary tables in its context");
+        var sin = context.Sin ?? throw new InvalidOperationException("LLaMA attention needs the rotary tables in its context");
+        q = Rotary.Apply(q, cos, sin);
+        k = Rotary.Apply(k, cos, sin);
         if (context.Cache is KvCache cache)
         {
             (k, v) = cache.Append(layerIndex, k, v);

@@ -1,3 +1,4 @@
+using System.Text.Json.Nodes;
 using FrugalLM.Planning;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -87,7 +88,7 @@ public sealed class LlamaModel : nn.Module<Tensor, KvCache?, Tensor>
 /// checkpoint's state dict maps onto it one to one. With tied embeddings there is no <c>lm_head</c>
 /// parameter: the head multiplies by the embedding table, as transformers saves such models.
 /// </summary>
-public sealed class LlamaForCausalLM : nn.Module<Tensor, Tensor>
+public sealed class LlamaForCausalLM : CausalLM
 {
     [ComponentName(Name = "model")]
     private LlamaModel model;
@@ -108,14 +109,33 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, Tensor>
     /// <summary>The architecture.</summary>
     public LlamaConfig Config { get; }
 
-    /// <summary>The dtype of the weights (of the embedding table; techniques may change it after creation).</summary>
-    public ScalarType Dtype => model.EmbedTokens.Weight.dtype;
+    /// <inheritdoc />
+    public override ScalarType Dtype => model.EmbedTokens.Weight.dtype;
 
-    /// <summary>
-    /// The LM head's weight [vocab, hidden] when the head is a plain linear map (or the tied embedding), for
-    /// losses that apply it chunk by chunk; null when a technique replaced the head.
-    /// </summary>
-    public Tensor? HeadWeight => lmHead switch
+    /// <inheritdoc />
+    public override int VocabSize => Config.VocabSize;
+
+    /// <inheritdoc />
+    public override int MaxPositions => Config.MaxPositionEmbeddings;
+
+    /// <inheritdoc />
+    public override ModuleList<nn.Module<Tensor, DecoderContext, Tensor>> DecoderLayers => model.Layers;
+
+    /// <inheritdoc />
+    public override string DecoderLayersPath => "model.layers";
+
+    /// <inheritdoc />
+    public override ModelSpec Spec(string name) => ModelSpec.FromLlama(Config, name);
+
+    /// <inheritdoc />
+    public override KvCache CreateCache(int batch, int capacity) =>
+        new(Config.NumHiddenLayers, batch, Config.NumKeyValueHeads, capacity, Config.HeadDim, Dtype);
+
+    /// <inheritdoc />
+    public override JsonObject ConfigJson(string torchDtype) => (Config with { TorchDtype = torchDtype }).ToJson();
+
+    /// <inheritdoc />
+    public override Tensor? HeadWeight => lmHead switch
     {
         null => model.EmbedTokens.Weight,
         Linear linear when linear.bias is null => linear.weight,
@@ -125,21 +145,18 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, Tensor>
     /// <summary>The decoder stack.</summary>
     public LlamaModel Model => model;
 
-    /// <summary>Logits [batch, T, vocab] for token ids [batch, T], without a cache.</summary>
-    public override Tensor forward(Tensor inputIds) => Logits(model.forward(inputIds, null));
+    /// <inheritdoc />
+    public override Tensor Hidden(Tensor inputIds, KvCache? cache = null) => model.forward(inputIds, cache);
 
-    /// <summary>Final hidden states [batch, T, hidden]; appends to <paramref name="cache"/> when given.</summary>
-    public Tensor Hidden(Tensor inputIds, KvCache? cache = null) => model.forward(inputIds, cache);
-
-    /// <summary>Applies the LM head to hidden states.</summary>
-    public Tensor Logits(Tensor hidden) =>
+    /// <inheritdoc />
+    public override Tensor Logits(Tensor hidden) =>
         lmHead is null ? nn.functional.linear(hidden, model.EmbedTokens.Weight) : lmHead.forward(hidden);
 
     /// <summary>
     /// Random initialization for training from scratch, as transformers does it: every linear weight and the
     /// embedding ~ N(0, <paramref name="std"/>), biases zero, norm weights one.
     /// </summary>
-    public void InitializeWeights(long seed, double std = 0.02)
+    public override void InitializeWeights(long seed, double std = 0.02)
     {
         using var noGrad = no_grad();
         var generator = new Generator((ulong)seed);
