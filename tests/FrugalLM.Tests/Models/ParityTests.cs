@@ -11,7 +11,7 @@ namespace FrugalLM.Tests.Models;
 /// The C# runtime against an independent PyTorch implementation (tools/make_fixtures.py, PyTorch 1.13):
 /// logits, one clipped AdamW step, and a greedy continuation, on three small random LLaMA folders.
 /// </summary>
-public sealed class ParityTests
+public sealed class ParityTests(Xunit.Abstractions.ITestOutputHelper output)
 {
     // Logits: both sides compute in fp32 with different kernels (flash SDPA here, explicit softmax there);
     // the fixture's own fp32-vs-fp64 gap is ~6e-7, so 1e-4 (the bound) leaves wide margin.
@@ -21,7 +21,7 @@ public sealed class ParityTests
     // (|g| + eps); with the fixture's eps the gap is ~1e-6 relative, under the 1e-5.
     private const double StepTolerance = 1e-5;
 
-    public ParityTests() => TestSupport.Init();
+    static ParityTests() => TestSupport.Init();
 
     public static TheoryData<string> Fixtures => new() { "gqa-untied", "tied-llama3rope", "linear-rope" };
 
@@ -38,6 +38,7 @@ public sealed class ParityTests
         using var noGrad = no_grad();
         using var logits = model.forward(ids);
         double error = TensorAssert.RelativeError(logits, reference);
+        output.WriteLine($"{fixture}: logits relative error {error:E2}");
         Assert.True(error <= LogitTolerance, $"{fixture}: logits relative error {error:E2}");
         using var inverse = expected.Load("rope_inv_freq");
         using var ours = tensor(Rotary.InverseFrequencies(model.Config));
@@ -76,12 +77,15 @@ public sealed class ParityTests
         using var expectedNorm = expected.Load("grad_norm");
         Assert.Equal(expectedLoss.item<float>(), loss, 1e-5 * Math.Abs(loss));
         Assert.Equal(expectedNorm.item<float>(), gradNorm, 1e-5 * gradNorm);
+        double worst = 0;
         foreach (var (name, parameter) in model.named_parameters())
         {
             using var reference = expected.Load("updated." + name);
             double error = TensorAssert.RelativeError(parameter, reference);
+            worst = Math.Max(worst, error);
             Assert.True(error <= StepTolerance, $"{fixture}: {name} relative error {error:E2}");
         }
+        output.WriteLine($"{fixture}: loss {loss:F6} vs {expectedLoss.item<float>():F6}, grad norm {gradNorm:F6} vs {expectedNorm.item<float>():F6}, worst updated-weight relative error {worst:E2}");
     }
 
     [Theory]
