@@ -1,6 +1,6 @@
 using FrugalLM.IO;
 using FrugalLM.Lora;
-using FrugalLM.Models.Llama;
+using FrugalLM.Models;
 using FrugalLM.Planning;
 using FrugalLM.Quantization;
 using FrugalLM.Tokenization;
@@ -18,7 +18,7 @@ internal sealed class InferenceModel : IDisposable
     private readonly HfCheckpoint checkpoint;
     private readonly AppliedTechniques applied;
 
-    private InferenceModel(HfCheckpoint checkpoint, HfTokenizer tokenizer, LlamaForCausalLM model, MemoryReport report, AppliedTechniques applied)
+    private InferenceModel(HfCheckpoint checkpoint, HfTokenizer tokenizer, CausalLM model, MemoryReport report, AppliedTechniques applied)
     {
         this.checkpoint = checkpoint;
         Tokenizer = tokenizer;
@@ -27,7 +27,7 @@ internal sealed class InferenceModel : IDisposable
         this.applied = applied;
     }
 
-    public LlamaForCausalLM Model { get; }
+    public CausalLM Model { get; }
 
     public HfTokenizer Tokenizer { get; }
 

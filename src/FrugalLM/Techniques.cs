@@ -1,6 +1,6 @@
 using FrugalLM.Checkpointing;
 using FrugalLM.Lora;
-using FrugalLM.Models.Llama;
+using FrugalLM.Models;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
 using FrugalLM.Quantization;
@@ -29,7 +29,7 @@ public static class Techniques
     /// <param name="seed">Seed of new adapters' initialization.</param>
     /// <param name="adapter">Loads existing adapters in the LoRA step instead of creating the plan's (generation
     /// and evaluation with a saved adapter).</param>
-    public static AppliedTechniques Apply(LlamaForCausalLM model, RunPlan plan, long seed = 0, Func<LlamaForCausalLM, LoraModel>? adapter = null)
+    public static AppliedTechniques Apply(CausalLM model, RunPlan plan, long seed = 0, Func<CausalLM, LoraModel>? adapter = null)
     {
         if (!plan.Trains)
         {

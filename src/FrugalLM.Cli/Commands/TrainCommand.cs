@@ -3,6 +3,7 @@ using System.Globalization;
 using FrugalLM.Inference;
 using FrugalLM.Lora;
 using FrugalLM.IO;
+using FrugalLM.Models;
 using FrugalLM.Models.Llama;
 using FrugalLM.Native;
 using FrugalLM.Planning;
@@ -263,7 +264,7 @@ internal static class TrainCommand
         return data!;
     }
 
-    private static void Sample(string label, LlamaForCausalLM model, HfTokenizer tokenizer, string prompt)
+    private static void Sample(string label, CausalLM model, HfTokenizer tokenizer, string prompt)
     {
         model.eval();
         var options = new SamplingOptions { MaxNewTokens = 40, Temperature = 0.8, TopK = 50, TopP = 0.95, Seed = 1 };

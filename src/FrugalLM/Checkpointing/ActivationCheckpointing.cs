@@ -14,13 +14,13 @@ namespace FrugalLM.Checkpointing;
 public static class ActivationCheckpointing
 {
     /// <summary>Wraps the decoder layers of <paramref name="model"/>; returns the number of segments.</summary>
-    public static int Apply(LlamaForCausalLM model, int every = 1)
+    public static int Apply(CausalLM model, int every = 1)
     {
         if (every < 1)
         {
             throw new ArgumentOutOfRangeException(nameof(every), every, "checkpoint every k layers needs k >= 1");
         }
-        var layers = model.Model.Layers;
+        var layers = model.DecoderLayers;
         if (layers.Any(l => l is CheckpointedLayer))
         {
             throw new InvalidOperationException("checkpointing is already applied to this model");
@@ -31,7 +31,7 @@ public static class ActivationCheckpointing
             var segment = new Segment(Enumerable.Range(start, Math.Min(every, layers.Count - start)).Select(i => layers[i]).ToArray());
             for (int i = 0; i < segment.Layers.Length; i++)
             {
-                ModuleTree.Replace(model, $"model.layers.{start + i}", new CheckpointedLayer(segment, i));
+                ModuleTree.Replace(model, $"{model.DecoderLayersPath}.{start + i}", new CheckpointedLayer(segment, i));
             }
             segments++;
         }

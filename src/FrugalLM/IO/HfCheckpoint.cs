@@ -1,7 +1,9 @@
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using FrugalLM.Models;
 using FrugalLM.Models.Llama;
+using FrugalLM.Models.Opt;
 using FrugalLM.Planning;
 using FrugalLM.Quantization;
 using static TorchSharp.torch;
@@ -105,7 +107,7 @@ public sealed class HfCheckpoint : IDisposable
     /// Opens <paramref name="folder"/> and loads it into a new model whose floating weights are
     /// <paramref name="dtype"/>. A folder saved 8-bit (bitsandbytes layout) gets int8 linear layers.
     /// </summary>
-    public static LlamaForCausalLM LoadModel(string folder, ScalarType dtype = ScalarType.Float32)
+    public static CausalLM LoadModel(string folder, ScalarType dtype = ScalarType.Float32)
     {
         using var checkpoint = Open(folder);
         return checkpoint.CreateModel(dtype);
@@ -113,15 +115,16 @@ public sealed class HfCheckpoint : IDisposable
 
 
     /// <summary>
-    /// A new model shaped as this checkpoint (int8 linear layers when it was saved 8-bit) with its weights
-    /// loaded, floating ones in <paramref name="dtype"/>.
+    /// A new model shaped as this checkpoint (<see cref="OptForCausalLM"/> for OPT, <see cref="LlamaForCausalLM"/>
+    /// otherwise; int8 linear layers when it was saved 8-bit) with its weights loaded, floating ones in
+    /// <paramref name="dtype"/>.
     /// </summary>
     /// <param name="dtype">Dtype of the floating weights.</param>
     /// <param name="quantize">Quantize a float checkpoint's linear layers to int8 while loading (each float
     /// weight is read and quantized one at a time, so the float model never exists in memory).</param>
-    public LlamaForCausalLM CreateModel(ScalarType dtype = ScalarType.Float32, Int8Options? quantize = null)
+    public CausalLM CreateModel(ScalarType dtype = ScalarType.Float32, Int8Options? quantize = null)
     {
-        var model = new LlamaForCausalLM(Config, dtype);
+        CausalLM model = Opt is { } opt ? new OptForCausalLM(opt, dtype) : new LlamaForCausalLM(Config, dtype);
         try
         {
             if ((Int8Checkpoint.Options(this) ?? quantize) is { } int8)
@@ -217,7 +220,7 @@ public sealed class HfCheckpoint : IDisposable
     // A tied model's head is the embedding; some writers still store lm_head.weight. It is ignored when tied.
     private bool Ignorable(string name) =>
         IgnoredSuffixes.Any(s => name.EndsWith(s, StringComparison.Ordinal))
-        || (Config.TieWordEmbeddings && name == "lm_head.weight");
+        || ((llama?.TieWordEmbeddings ?? Opt?.TieWordEmbeddings ?? false) && name == "lm_head.weight");
 
     /// <summary>
     /// Saves <paramref name="model"/> as an HF folder: config.json, generation_config.json (when given), and
@@ -233,7 +236,7 @@ public sealed class HfCheckpoint : IDisposable
     /// <param name="maxShardBytes">Largest shard.</param>
     /// <param name="sources">Tensors to save instead of the model's own, by name (mixed precision's fp32 masters).</param>
     /// <param name="extraConfig">Fields added to config.json (an int8 model's <c>quantization_config</c>).</param>
-    public static void Save(LlamaForCausalLM model, string folder, ScalarType? dtype = null, GenerationConfig? generation = null, long maxShardBytes = 2L << 30,
+    public static void Save(CausalLM model, string folder, ScalarType? dtype = null, GenerationConfig? generation = null, long maxShardBytes = 2L << 30,
         IEnumerable<(string Name, Tensor Tensor)>? sources = null, JsonObject? extraConfig = null)
     {
         Directory.CreateDirectory(folder);
@@ -285,7 +288,7 @@ public sealed class HfCheckpoint : IDisposable
             written.Add(IndexFile);
         }
         generation?.Save(folder);
-        var config = (model.Config with { TorchDtype = DtypeName(type) }).ToJson();
+        var config = model.ConfigJson(DtypeName(type));
         foreach (var (key, value) in extraConfig ?? [])
         {
             config[key] = value?.DeepClone();

@@ -1,5 +1,5 @@
 using System.Diagnostics;
-using FrugalLM.Models.Llama;
+using FrugalLM.Models;
 using FrugalLM.Tokenization;
 
 namespace FrugalLM.Inference;
@@ -25,7 +25,7 @@ public sealed record GenerationResult(string Text, int PromptTokens, int NewToke
 /// streams text as it becomes final: a character split across tokens, or a tail that may still turn into
 /// a stop string, is held back until it is settled.
 /// </summary>
-public sealed class TextGenerator(LlamaForCausalLM model, HfTokenizer tokenizer)
+public sealed class TextGenerator(CausalLM model, HfTokenizer tokenizer)
 {
     /// <summary>Generates a continuation of <paramref name="prompt"/>; <paramref name="onText"/> receives each new piece.</summary>
     public GenerationResult Generate(string prompt, SamplingOptions options, IReadOnlyList<string>? stopStrings = null, Action<string>? onText = null)
@@ -65,7 +65,7 @@ public sealed class TextGenerator(LlamaForCausalLM model, HfTokenizer tokenizer)
                 break;
             }
         }
-        if (reason != "stop-string" && generated.Count < options.MaxNewTokens && generated.Count + promptIds.Count < model.Config.MaxPositionEmbeddings)
+        if (reason != "stop-string" && generated.Count < options.MaxNewTokens && generated.Count + promptIds.Count < model.MaxPositions)
         {
             reason = "eos";
         }

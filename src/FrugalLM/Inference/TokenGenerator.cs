@@ -1,4 +1,4 @@
-using FrugalLM.Models.Llama;
+using FrugalLM.Models;
 using FrugalLM.Native;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -9,7 +9,7 @@ namespace FrugalLM.Inference;
 /// Autoregressive decoding with a KV cache: one forward pass over the prompt, then one single-token pass per
 /// new token. Only the last position's logits are computed, so the head costs one row per step.
 /// </summary>
-public sealed class TokenGenerator(LlamaForCausalLM model)
+public sealed class TokenGenerator(CausalLM model)
 {
     /// <summary>
     /// Yields new token ids one at a time (lazily, so callers can stream), stopping at a stop token (not
@@ -22,7 +22,7 @@ public sealed class TokenGenerator(LlamaForCausalLM model)
         {
             throw new ArgumentException("the prompt must contain at least one token", nameof(prompt));
         }
-        int vocab = model.Config.VocabSize;
+        int vocab = model.VocabSize;
         foreach (var id in prompt)
         {
             if (id < 0 || id >= vocab)
@@ -30,14 +30,14 @@ public sealed class TokenGenerator(LlamaForCausalLM model)
                 throw new ArgumentException($"prompt token {id} is outside the vocabulary (0..{vocab - 1})", nameof(prompt));
             }
         }
-        int budget = Math.Min(options.MaxNewTokens, Math.Max(0, model.Config.MaxPositionEmbeddings - prompt.Count));
+        int budget = Math.Min(options.MaxNewTokens, Math.Max(0, model.MaxPositions - prompt.Count));
         if (budget == 0)
         {
             yield break;
         }
         var stops = options.StopTokenIds.ToHashSet();
         using var rng = new torch.Generator((ulong)options.Seed);
-        using var cache = new KvCache(model.Config, 1, prompt.Count + budget, model.Dtype);
+        using var cache = model.CreateCache(1, prompt.Count + budget);
         var input = prompt.Select(i => (long)i).ToArray();
         for (int produced = 0; produced < budget; produced++)
         {

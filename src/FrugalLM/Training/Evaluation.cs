@@ -1,4 +1,4 @@
-using FrugalLM.Models.Llama;
+using FrugalLM.Models;
 using FrugalLM.Native;
 using static TorchSharp.torch;
 
@@ -11,7 +11,7 @@ public static class Evaluation
     /// <param name="model">The model.</param>
     /// <param name="batch">Inputs and labels.</param>
     /// <param name="lossChunk">Tokens per chunk of the LM head and loss; 0 computes all logits at once.</param>
-    public static Tensor LossSum(LlamaForCausalLM model, TrainingBatch batch, int lossChunk)
+    public static Tensor LossSum(CausalLM model, TrainingBatch batch, int lossChunk)
     {
         var inputs = tensor(batch.Inputs, [batch.Rows, batch.Columns]);
         var labels = tensor(batch.Labels, [batch.Rows, batch.Columns]);
@@ -25,7 +25,7 @@ public static class Evaluation
     /// Mean loss per counted token over <paramref name="batches"/> (at most <paramref name="maxBatches"/>;
     /// 0 = all), without gradients, and the number of tokens counted. The model is left in eval mode.
     /// </summary>
-    public static (double Loss, long Tokens) MeanLoss(LlamaForCausalLM model, IEnumerable<TrainingBatch> batches, int lossChunk = 0, int maxBatches = 0)
+    public static (double Loss, long Tokens) MeanLoss(CausalLM model, IEnumerable<TrainingBatch> batches, int lossChunk = 0, int maxBatches = 0)
     {
         model.eval();
         double sum = 0;

@@ -1,5 +1,5 @@
 using System.Diagnostics;
-using FrugalLM.Models.Llama;
+using FrugalLM.Models;
 using FrugalLM.Native;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
@@ -137,14 +137,14 @@ public readonly record struct StepResult(double Loss, double GradNorm, bool Skip
 /// </summary>
 public sealed class Trainer
 {
-    private readonly LlamaForCausalLM model;
+    private readonly CausalLM model;
     private readonly ITrainingData data;
     private readonly TrainOptions options;
     private readonly MixedPrecision precision;
     private readonly CosineSchedule schedule;
 
     /// <summary>Prepares training; <paramref name="precision"/> defaults to fp32 (no conversion).</summary>
-    public Trainer(LlamaForCausalLM model, ITrainingData data, TrainOptions options, MixedPrecision? precision = null)
+    public Trainer(CausalLM model, ITrainingData data, TrainOptions options, MixedPrecision? precision = null)
     {
         options.Validate();
         this.model = model;
@@ -177,7 +177,7 @@ public sealed class Trainer
     public (int Epoch, int Batch) DataPosition { get; internal set; }
 
     /// <summary>The model.</summary>
-    internal LlamaForCausalLM Model => model;
+    internal CausalLM Model => model;
 
     /// <summary>Runs the remaining steps; <paramref name="save"/> receives the number of steps done.</summary>
     public TrainResult Run(Action<TrainProgress>? report = null, Action<int>? save = null, CancellationToken cancel = default)

@@ -27,7 +27,7 @@ public sealed class TrainCommandTests
             Assert.True(File.Exists(Path.Combine(output, file)), file);
         }
         using var model = HfCheckpoint.LoadModel(output);
-        Assert.Equal(50257, model.Config.VocabSize);
+        Assert.Equal(50257, model.VocabSize);
         var generated = FrugalProcess.Run("generate", "--model", output, "--prompt", "God", "--max-new-tokens", "5", "--temperature", "0");
         Assert.Equal(0, generated.Exit);
     }
