@@ -3,9 +3,11 @@
 # build (which also prepares TorchSharp's native glue for this system's libstdc++).
 #   bible-kjv      the King James Bible, the bundled model's public-domain corpus (tools/kjv-corpus.sh)
 #   fortunes-min   extra real text for the tokenizer tests
+#   python3-torch  PyTorch 1.13 for /usr/bin/python3: the PEFT adapter check in the tests and the peer of frugal bench
+#   libopenblas0-pthread  the BLAS that peer measures with (tools/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(bible-kjv fortunes-min)
+packages=(bible-kjv fortunes-min python3-torch libopenblas0-pthread)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

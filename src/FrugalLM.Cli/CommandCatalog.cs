@@ -14,5 +14,7 @@ internal static class CommandCatalog
         yield return Commands.QuantizeCommand.Create();
         yield return Commands.EstimateCommand.Create();
         yield return Commands.PlanCommand.Create();
+        yield return Commands.BenchCommand.Create();
+        yield return Commands.BenchCommand.CreateChild();
     }
 }

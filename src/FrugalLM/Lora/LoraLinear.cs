@@ -275,7 +275,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     private sealed record AdapterState(int Rank, double Alpha, double Scaling, LoraConfig? Config);
 
     /// <summary>PEFT's per-adapter ModuleDict: submodules keyed by adapter name, added and removed at any time.</summary>
-    private sealed class AdapterModules : nn.Module
+    private sealed class AdapterModules : nn.Module, IModuleDictionary
     {
         public AdapterModules() : base(nameof(AdapterModules))
         {

@@ -65,7 +65,7 @@ public static class ModuleTree
             }
             indexer.SetValue(parent, replacement, [int.Parse(name, System.Globalization.CultureInfo.InvariantCulture)]);
         }
-        else if (parent is not ITransparentWrapper)
+        else if (parent is not (ITransparentWrapper or IModuleDictionary))
         {
             var field = FindField(parentType, name)
                 ?? throw new ArgumentException($"{parentType.Name} keeps '{name}' in no field that can be replaced");

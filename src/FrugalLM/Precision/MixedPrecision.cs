@@ -88,11 +88,11 @@ public sealed class MixedPrecision : IDisposable
         {
             ConvertParameters(model, compute);
         }
-        if (mode == PrecisionMode.Fp16)
+        if (compute != ScalarType.Float32 && Matmul16.Upcasts(compute))
         {
             foreach (var (path, module) in ModuleTree.Find(model, (_, m) => m is Linear))
             {
-                ModuleTree.Replace(model, path, new UpcastLinear((Linear)module, ScalarType.Float16));
+                ModuleTree.Replace(model, path, new UpcastLinear((Linear)module, compute));
             }
         }
         var list = model.named_parameters()

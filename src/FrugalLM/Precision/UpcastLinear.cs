@@ -6,10 +6,11 @@ using static TorchSharp.torch;
 namespace FrugalLM.Precision;
 
 /// <summary>
-/// A linear layer whose weights are stored in fp16 but whose matrix product runs in fp32, rounding the
-/// result back to fp16: what a GPU's fp16 tensor cores do (fp16 operands, fp32 accumulation). This CPU has
-/// no fp16 arithmetic: libtorch's fp16 matmul backward is ~8x slower than fp32 here, while this layer costs
-/// two conversions. Parameters keep the names <c>weight</c> and <c>bias</c>, so checkpoints are unchanged.
+/// A linear layer whose weights are stored in 16 bits (fp16, or bf16 on a CPU without bf16 dot products)
+/// but whose matrix product runs in fp32, rounding the result back once: what a GPU's tensor cores do
+/// (16-bit operands, fp32 accumulation; see <see cref="Matmul16"/>). CPUs have no fp16 arithmetic:
+/// libtorch's fp16 matmul backward is ~8x slower than fp32, while this layer costs two conversions.
+/// Parameters keep the names <c>weight</c> and <c>bias</c>, so checkpoints are unchanged.
 /// </summary>
 public sealed class UpcastLinear : nn.Module<Tensor, Tensor>, ILinearLayer
 {
@@ -37,10 +38,5 @@ public sealed class UpcastLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     public Tensor DequantizedWeight(ScalarType dtype) => weight.detach().to(dtype);
 
     /// <inheritdoc />
-    public override Tensor forward(Tensor input)
-    {
-        using var scope = NewDisposeScope();
-        var y = nn.functional.linear(input.to(ScalarType.Float32), weight.to(ScalarType.Float32), bias?.to(ScalarType.Float32));
-        return y.to(input.dtype).MoveToOuterDisposeScope();
-    }
+    public override Tensor forward(Tensor input) => Matmul16.Upcast(input, weight, bias);
 }

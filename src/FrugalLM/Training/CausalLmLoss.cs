@@ -1,3 +1,4 @@
+using FrugalLM.Precision;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -12,9 +13,19 @@ namespace FrugalLM.Training;
 public static class CausalLmLoss
 {
     /// <summary>Sum of per-token losses from full fp32 logits [N, vocab] and labels [N].</summary>
-    public static Tensor Full(Tensor logits, Tensor labels) =>
-        nn.functional.cross_entropy(logits.reshape(-1, logits.shape[^1]).to(ScalarType.Float32), labels.reshape(-1),
-            ignore_index: TrainingBatch.IgnoreLabel, reduction: nn.Reduction.Sum);
+    /// <remarks>
+    /// The loss's graph keeps only log-softmax's own output, so the views made here are released at once; a
+    /// caller that no longer needs <paramref name="logits"/> should release it too (as
+    /// <see cref="Evaluation.LossSum"/> does). A handle left to the step's dispose scope keeps a
+    /// [tokens, vocab] tensor alive through backward that PyTorch would already have freed.
+    /// </remarks>
+    public static Tensor Full(Tensor logits, Tensor labels)
+    {
+        using var flat = logits.reshape(-1, logits.shape[^1]);
+        using var wide = flat.to(ScalarType.Float32);
+        using var targets = labels.reshape(-1);
+        return nn.functional.cross_entropy(wide, targets, ignore_index: TrainingBatch.IgnoreLabel, reduction: nn.Reduction.Sum);
+    }
 
     /// <summary>
     /// Sum of per-token losses of hidden states [N, hidden] under the head weight [vocab, hidden], computed
@@ -41,7 +52,7 @@ public static class CausalLmLoss
             {
                 using var scope = NewDisposeScope();
                 long size = Math.Min(chunk, n - start);
-                var logits = nn.functional.linear(hidden.narrow(0, start, size), weight).to(ScalarType.Float32);
+                var logits = Matmul16.Linear(hidden.narrow(0, start, size), weight).to(ScalarType.Float32);
                 var loss = nn.functional.cross_entropy(logits, labels.narrow(0, start, size),
                     ignore_index: TrainingBatch.IgnoreLabel, reduction: nn.Reduction.Sum);
                 total.add_(loss);
@@ -67,7 +78,7 @@ public static class CausalLmLoss
                 var h = hidden.narrow(0, start, size);
                 var y = labels.narrow(0, start, size);
                 // d(sum CE)/d logits = softmax - onehot(label) on counted rows, 0 on ignored ones.
-                var logits = nn.functional.linear(h, weight).to(ScalarType.Float32);
+                var logits = Matmul16.Linear(h, weight).to(ScalarType.Float32);
                 var counted = y.ne(TrainingBatch.IgnoreLabel);
                 var target = y.masked_fill(counted.logical_not(), 0);
                 var dlogits = logits.softmax(-1);

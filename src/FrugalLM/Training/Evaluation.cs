@@ -16,9 +16,12 @@ public static class Evaluation
         var inputs = tensor(batch.Inputs, [batch.Rows, batch.Columns]);
         var labels = tensor(batch.Labels, [batch.Rows, batch.Columns]);
         var hidden = model.Hidden(inputs);
-        return lossChunk > 0 && model.HeadWeight is Tensor head
-            ? CausalLmLoss.Chunked(hidden, head, labels, lossChunk)
-            : CausalLmLoss.Full(model.Logits(hidden), labels);
+        if (lossChunk > 0 && model.HeadWeight is Tensor head)
+        {
+            return CausalLmLoss.Chunked(hidden, head, labels, lossChunk);
+        }
+        using var logits = model.Logits(hidden);
+        return CausalLmLoss.Full(logits, labels);
     }
 
     /// <summary>

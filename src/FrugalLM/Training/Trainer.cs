@@ -244,7 +244,7 @@ public sealed class Trainer
     /// </summary>
     public StepResult Step(IReadOnlyList<TrainingBatch> microBatches)
     {
-        using var step = StepScope.Begin();
+        using var step = StepScope.Begin(trimHeap: true);
         precision.ZeroGradients();
         double counted = Math.Max(1, microBatches.Sum(b => b.LabelCount));
         double loss = 0;

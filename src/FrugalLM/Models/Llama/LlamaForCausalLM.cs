@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using FrugalLM.Planning;
+using FrugalLM.Precision;
 using TorchSharp;
 using TorchSharp.Modules;
 using TorchSharp.Utils;
@@ -149,8 +150,10 @@ public sealed class LlamaForCausalLM : CausalLM
     public override Tensor Hidden(Tensor inputIds, KvCache? cache = null) => model.forward(inputIds, cache);
 
     /// <inheritdoc />
+    /// <remarks>A tied head is a product with the embedding table, not a Linear module that a precision policy
+    /// could replace, so it takes the 16-bit product that is fast on this CPU itself.</remarks>
     public override Tensor Logits(Tensor hidden) =>
-        lmHead is null ? nn.functional.linear(hidden, model.EmbedTokens.Weight) : lmHead.forward(hidden);
+        lmHead is null ? Matmul16.Linear(hidden, model.EmbedTokens.Weight) : lmHead.forward(hidden);
 
     /// <summary>
     /// Random initialization for training from scratch, as transformers does it: every linear weight and the

@@ -1,6 +1,7 @@
 using System.Text.Json.Nodes;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
+using FrugalLM.Precision;
 using TorchSharp;
 using TorchSharp.Modules;
 using TorchSharp.Utils;
@@ -80,7 +81,7 @@ public sealed class OptForCausalLM : CausalLM
     {
         using var scope = NewDisposeScope();
         var projected = Decoder.ProjectOut(hidden);
-        var logits = lmHead is null ? nn.functional.linear(projected, Decoder.EmbedTokens.Weight) : lmHead.forward(projected);
+        var logits = lmHead is null ? Matmul16.Linear(projected, Decoder.EmbedTokens.Weight) : lmHead.forward(projected);
         return logits.MoveToOuterDisposeScope();
     }
 
