@@ -73,13 +73,7 @@ internal sealed class InferenceModel : IDisposable
             var report = MemoryReport.Predict(plan);
             // Weights are read straight into the plan's dtype; the plan's techniques do the rest in their order
             // (quantize, then the saved adapter in the LoRA step, then the precision).
-            var dtype = precision switch
-            {
-                Planning.Precision.Bf16 => ScalarType.BFloat16,
-                Planning.Precision.Fp16 => ScalarType.Float16,
-                _ => ScalarType.Float32,
-            };
-            var model = checkpoint.CreateModel(dtype, plan.Quantization.Kind == QuantizationKind.Int8
+            var model = checkpoint.CreateModel(WeightDtype(precision), plan.Quantization.Kind == QuantizationKind.Int8
                 ? new Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
                 : null);
             var applied = Techniques.Apply(model, plan, adapter: adapter is null ? null : m => LoraAdapter.Load(adapter, m));
@@ -96,6 +90,14 @@ internal sealed class InferenceModel : IDisposable
             throw;
         }
     }
+
+    /// <summary>The dtype inference weights are read in for <paramref name="precision"/>.</summary>
+    public static ScalarType WeightDtype(Planning.Precision precision) => precision switch
+    {
+        Planning.Precision.Bf16 => ScalarType.BFloat16,
+        Planning.Precision.Fp16 => ScalarType.Float16,
+        _ => ScalarType.Float32,
+    };
 
     public void Dispose()
     {

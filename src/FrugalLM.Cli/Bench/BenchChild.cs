@@ -78,13 +78,8 @@ internal static class BenchChild
             }
         }
         phase.End();
-        var measurement = new BenchMeasurement
+        var measurement = phase.Measurement(baseline) with
         {
-            Runtime = "frugal",
-            BaselineBytes = baseline,
-            PeakBytes = phase.Peak,
-            SteadyBytes = phase.Steady,
-            StepPeakBytes = phase.StepPeak,
             TokensPerSecond = c.Batch * (double)c.Seq / Median(seconds),
             StepSeconds = seconds,
             LossFirst = losses[0],
@@ -103,13 +98,7 @@ internal static class BenchChild
         var report = MemoryReport.Predict(plan);
         long baseline = report.Plan.Overhead.RuntimeBaselineBytes;
         MemoryProbe.ResetPeak();
-        var dtype = plan.Precision switch
-        {
-            Planning.Precision.Bf16 => ScalarType.BFloat16,
-            Planning.Precision.Fp16 => ScalarType.Float16,
-            _ => ScalarType.Float32,
-        };
-        using var model = checkpoint.CreateModel(dtype, Int8(plan));
+        using var model = checkpoint.CreateModel(InferenceModel.WeightDtype(plan.Precision), Int8(plan));
         using var applied = Techniques.Apply(model, plan);
         model.eval();
         // Greedy, never stopping early: every generation has exactly NewTokens tokens, as the peer's.
@@ -145,13 +134,8 @@ internal static class BenchChild
             }
         }
         phase.End();
-        var measurement = new BenchMeasurement
+        var measurement = phase.Measurement(baseline) with
         {
-            Runtime = "frugal",
-            BaselineBytes = baseline,
-            PeakBytes = phase.Peak,
-            SteadyBytes = phase.Steady,
-            StepPeakBytes = phase.StepPeak,
             PrefillTokensPerSecond = c.PromptTokens / Median(prefill),
             DecodeTokensPerSecond = (c.NewTokens - 1) / Median(decode),
             StepSeconds = prefill.Zip(decode, (p, d) => p + d).ToList(),
@@ -191,6 +175,15 @@ internal static class BenchChild
         }
 
         public void End() => StepPeak = MemoryProbe.PeakBytes;
+
+        public BenchMeasurement Measurement(long baseline) => new()
+        {
+            Runtime = "frugal",
+            BaselineBytes = baseline,
+            PeakBytes = Peak,
+            SteadyBytes = Steady,
+            StepPeakBytes = StepPeak,
+        };
     }
 
     internal static double Median(IReadOnlyList<double> values)

@@ -88,7 +88,7 @@ internal static class BenchCommand
                 var result = RunCase(c, peerRunner, runs, log);
                 results.Add(result);
                 CliRunner.Status(string.Create(CultureInfo.InvariantCulture, $"[{i + 1}/{cases.Count} {clock.Elapsed:mm\\:ss}] {c.Model}, {c.Technique}: {Summary(result)}"));
-                Write(outFolder, results, pr.Tokens.Select(t => t.Value), peerRunner);
+                Write(outFolder, results, pr.Tokens.Skip(1).Select(t => t.Value), peerRunner);
             }
             var markdown = BenchReport.Markdown(results);
             Console.Out.Write(markdown);
