@@ -76,15 +76,18 @@ public static class MemoryEstimator
         return fits;
     }
 
-    /// <summary>Bytes per parameter of optimizer state for one tensor of <paramref name="count"/> elements.</summary>
-    public static long OptimizerStateBytes(RunPlan plan, long count)
+    /// <summary>
+    /// Bytes of optimizer state for one tensor of <paramref name="count"/> elements. 8-bit AdamW keeps fp32 moments
+    /// for small tensors and for embedding tables (<paramref name="role"/>), as the trainer does.
+    /// </summary>
+    public static long OptimizerStateBytes(RunPlan plan, long count, TensorRole role = TensorRole.LayerLinearWeight)
     {
         ArgumentNullException.ThrowIfNull(plan);
         int s = plan.OptimizerStateBytes;
         return plan.Optimizer switch
         {
             OptimizerKind.AdamW => 2 * s * count,
-            OptimizerKind.AdamW8bit when count < AdamW8bitLayout.MinTensorSize => 2 * 4 * count,
+            OptimizerKind.AdamW8bit when count < AdamW8bitLayout.MinTensorSize || role is TensorRole.Embedding or TensorRole.PositionEmbedding => 2 * 4 * count,
             OptimizerKind.AdamW8bit => 2 * (count + 4 * ((count + AdamW8bitLayout.BlockSize - 1) / AdamW8bitLayout.BlockSize)),
             OptimizerKind.SgdMomentum => s * count,
             _ => 0,
@@ -161,7 +164,7 @@ public static class MemoryEstimator
                 continue;
             }
             long masters = plan.UsesMasterWeights ? 4 * t.Count : 0;
-            long states = OptimizerStateBytes(plan, t.Count);
+            long states = OptimizerStateBytes(plan, t.Count, t.Role);
             unit.Gradients += t.Count * a;
             unit.Masters += masters;
             unit.States += states;
@@ -351,7 +354,7 @@ public static class MemoryEstimator
     private static string OptimizerFormula(RunPlan plan) => plan.Optimizer switch
     {
         OptimizerKind.AdamW => $"2 x {plan.OptimizerStateBytes} B x trainable parameters",
-        OptimizerKind.AdamW8bit => $"2 x (1 B + 4 B / {AdamW8bitLayout.BlockSize}) per parameter; 8 B for tensors under {AdamW8bitLayout.MinTensorSize} elements",
+        OptimizerKind.AdamW8bit => $"2 x (1 B + 4 B / {AdamW8bitLayout.BlockSize}) per parameter; 8 B for embeddings and tensors under {AdamW8bitLayout.MinTensorSize} elements",
         OptimizerKind.SgdMomentum => $"{plan.OptimizerStateBytes} B x trainable parameters",
         _ => "none",
     };

@@ -80,6 +80,15 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(expected, MemoryEstimator.OptimizerStateBytes(Tiny.Plan() with { Optimizer = OptimizerKind.AdamW8bit }, count));
     }
 
+    [Theory]
+    [InlineData(TensorRole.Embedding, 8 * 40_000L)]
+    [InlineData(TensorRole.PositionEmbedding, 8 * 40_000L)]
+    [InlineData(TensorRole.LmHead, 2 * (40_000L + 4 * 20))] // an untied head is a plain matrix: 8-bit
+    public void EightBitAdamWKeepsEmbeddingStatesInFloat32(TensorRole role, long expected)
+    {
+        Assert.Equal(expected, MemoryEstimator.OptimizerStateBytes(Tiny.Plan() with { Optimizer = OptimizerKind.AdamW8bit }, 40_000, role));
+    }
+
     [Fact]
     public void QuantizedBaseWeights()
     {

@@ -87,3 +87,10 @@ internal static class TensorAssert
         return (a - b).norm().item<double>() / Math.Max(1e-300, b.norm().item<double>());
     }
 }
+
+/// <summary>
+/// Tests that seed the process-wide random generator and then rely on the numbers it draws (dropout masks that
+/// recomputation must replay) run alone: a test on another thread drawing from it in between changes the masks.
+/// </summary>
+[CollectionDefinition(nameof(GlobalRandom), DisableParallelization = true)]
+public sealed class GlobalRandom;

@@ -115,7 +115,9 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             var segment = (ActivationCheckpointing.Segment)vars[3];
             ctx.save_for_backward([hidden, cos, sin, mask]);
             ctx.save_data("segment", segment);
-            // Kept as bytes: TorchSharp's context stores tensors only through save_for_backward.
+            // Kept as bytes: TorchSharp's context stores tensors only through save_for_backward. The state is the
+            // process-wide CPU generator's (dropout takes no generator in TorchSharp), so the replayed masks equal the
+            // first ones only while no other thread draws from it between forward and backward.
             using (var rng = get_rng_state())
             {
                 ctx.save_data("rng", rng.data<byte>().ToArray());

@@ -21,7 +21,8 @@ public enum MomentFormat
     /// bitsandbytes' 8-bit AdamW: each moment block-wise quantized to one byte with bitsandbytes' dynamic map
     /// (signed for the first moment, unsigned for the second) and one fp32 absmax per
     /// <see cref="AdamW8bitLayout.BlockSize"/> values, ~2 bytes per parameter; tensors under
-    /// <see cref="AdamW8bitLayout.MinTensorSize"/> elements keep fp32 moments.
+    /// <see cref="AdamW8bitLayout.MinTensorSize"/> elements, and embeddings (see <see cref="AdamW"/>'s
+    /// <c>float32States</c>), keep fp32 moments.
     /// </summary>
     Blockwise8Bit,
 }
@@ -40,6 +41,7 @@ public sealed class AdamW : IDisposable
     private readonly MomentFormat format;
     private readonly BlockwiseQuantizer? signedCodes;
     private readonly BlockwiseQuantizer? unsignedCodes;
+    private readonly HashSet<Tensor> float32States = new(ReferenceEqualityComparer.Instance);
 
     /// <summary>Creates the optimizer; moments are allocated lazily at the first step.</summary>
     /// <param name="groups">The parameters it updates.</param>
@@ -50,10 +52,21 @@ public sealed class AdamW : IDisposable
     /// <param name="gradientOf">Where a parameter's gradient is (default: its <c>grad</c>); mixed precision
     /// points fp32 masters at their 16-bit model gradients. Gradients of any dtype are widened to fp32.</param>
     /// <param name="format">How the moments are stored.</param>
+    /// <param name="float32States">With <see cref="MomentFormat.Blockwise8Bit"/>: names of parameters whose moments
+    /// stay fp32 anyway. Trainers pass the embedding tables, as transformers does for bitsandbytes' 8-bit optimizers
+    /// (a module override to 32-bit states for every <c>nn.Embedding</c>): rows of rare tokens get tiny, sparse
+    /// gradients that a block's absmax drowns, and a tied table is also the LM head, the most sensitive matrix.</param>
     public AdamW(IReadOnlyList<ParameterGroup> groups, double learningRate, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8,
-        Func<Tensor, Tensor?>? gradientOf = null, MomentFormat format = MomentFormat.Float32)
+        Func<Tensor, Tensor?>? gradientOf = null, MomentFormat format = MomentFormat.Float32, IReadOnlySet<string>? float32States = null)
     {
         this.groups = groups;
+        foreach (var (name, parameter) in groups.SelectMany(g => g.Parameters))
+        {
+            if (float32States?.Contains(name) == true)
+            {
+                this.float32States.Add(parameter);
+            }
+        }
         this.gradientOf = gradientOf ?? (p => p.grad);
         this.format = format;
         if (format == MomentFormat.Blockwise8Bit)
@@ -192,7 +205,7 @@ public sealed class AdamW : IDisposable
         {
             var storage = format switch
             {
-                MomentFormat.Blockwise8Bit when parameter.numel() >= AdamW8bitLayout.MinTensorSize => MomentFormat.Blockwise8Bit,
+                MomentFormat.Blockwise8Bit when parameter.numel() >= AdamW8bitLayout.MinTensorSize && !float32States.Contains(parameter) => MomentFormat.Blockwise8Bit,
                 MomentFormat.BFloat16 => MomentFormat.BFloat16,
                 _ => MomentFormat.Float32,
             };

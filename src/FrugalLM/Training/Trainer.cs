@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using FrugalLM.Models;
+using FrugalLM.Models.Llama;
 using FrugalLM.Native;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
@@ -156,13 +157,18 @@ public sealed class Trainer
             options.LearningRate, options.Beta1, options.Beta2, options.Eps,
             this.precision.GradientOf,
             options.Optimizer == OptimizerKind.AdamW8bit ? MomentFormat.Blockwise8Bit
-                : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32);
+                : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32,
+            EmbeddingParameterNames(model));
         schedule = new CosineSchedule(
             options.LearningRate,
             options.MinLearningRate ?? options.LearningRate / 10,
             options.WarmupSteps ?? Math.Max(1, options.Steps / 20),
             options.Steps);
     }
+
+    /// <summary>Names of the embedding tables' weights (8-bit AdamW keeps their moments in fp32).</summary>
+    public static IReadOnlySet<string> EmbeddingParameterNames(nn.Module model) =>
+        model.named_modules().Where(m => m.module is TokenEmbedding).Select(m => m.name + ".weight").ToHashSet(StringComparer.Ordinal);
 
     /// <summary>The optimizer (its moments are part of checkpoints).</summary>
     public AdamW Optimizer { get; }

@@ -7,6 +7,7 @@ using static TorchSharp.torch;
 
 namespace FrugalLM.Tests.Checkpointing;
 
+[Collection(nameof(GlobalRandom))]
 public sealed class ActivationCheckpointingTests
 {
     public ActivationCheckpointingTests() => TestSupport.Init();

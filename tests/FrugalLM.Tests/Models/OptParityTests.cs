@@ -18,6 +18,7 @@ namespace FrugalLM.Tests.Models;
 /// on a pre-LN tied model and a post-LN model with project_in/project_out (the 350M shape); plus the cache,
 /// names, checkpointing, dropout, saving and int8 loading on the same architecture.
 /// </summary>
+[Collection(nameof(GlobalRandom))]
 public sealed class OptParityTests
 {
     // Logits: fp32 on both sides with different kernels (SDPA scaling the product, the reference scaling q

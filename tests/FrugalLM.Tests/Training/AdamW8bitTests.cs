@@ -63,17 +63,30 @@ public sealed class AdamW8bitTests
         var phrase = Enumerable.Range(0, 29).Select(_ => random.Next(101)).ToArray();
         var corpus = TokenCorpus.FromTokens(Enumerable.Range(0, 6000).Select(i => i % 3 == 0 ? random.Next(101) : phrase[i % 29]).ToArray(), 32);
         // MinTensorSize keeps small tensors in fp32; this model's matrices (64 x 144 = 9216) are above it.
-        (double Loss, long StateBytes) Train(OptimizerKind kind)
+        (double Loss, long StateBytes, long Expected8Bit, Dictionary<string, ScalarType> Dtypes) Train(OptimizerKind kind)
         {
             using var model = new LlamaForCausalLM(TestSupport.TinyConfig());
             model.InitializeWeights(seed: 40, std: 0.05);
             var trainer = new Trainer(model, corpus, new TrainOptions { Steps = 60, MicroBatch = 4, LearningRate = 3e-3, Optimizer = kind, LogEvery = 60 });
             var result = trainer.Run();
-            return (result.EvalLoss, trainer.Optimizer.StateBytes);
+            // The layout the optimizer promises: fp32 moments (8 B) for the embedding and tensors under
+            // min_8bit_size, else one byte per value padded to whole blocks plus an fp32 absmax per block, twice.
+            long expected = model.named_parameters().Sum(p =>
+            {
+                long n = p.parameter.numel(), blocks = (n + AdamW8bitLayout.BlockSize - 1) / AdamW8bitLayout.BlockSize;
+                return p.name == "model.embed_tokens.weight" || n < AdamW8bitLayout.MinTensorSize ? 8 * n : 2 * blocks * (AdamW8bitLayout.BlockSize + 4);
+            });
+            var dtypes = trainer.Optimizer.StateTensors().ToDictionary(t => t.Name, t => t.Tensor.dtype);
+            return (result.EvalLoss, trainer.Optimizer.StateBytes, expected, dtypes);
         }
         var fp32 = Train(OptimizerKind.AdamW);
         var int8 = Train(OptimizerKind.AdamW8bit);
         Assert.True(Math.Abs(int8.Loss - fp32.Loss) / fp32.Loss < 0.03, $"fp32 {fp32.Loss:F4}, 8-bit {int8.Loss:F4}");
-        Assert.True(int8.StateBytes < fp32.StateBytes * 0.35, $"{int8.StateBytes} vs {fp32.StateBytes}");
+        Assert.Equal(int8.Expected8Bit, int8.StateBytes);
+        Assert.True(int8.StateBytes < fp32.StateBytes * 0.45, $"{int8.StateBytes} vs {fp32.StateBytes}");
+        Assert.Equal(ScalarType.Float32, int8.Dtypes["exp_avg.model.embed_tokens.weight"]);
+        Assert.Equal(ScalarType.Byte, int8.Dtypes["exp_avg.lm_head.weight"]);
+        Assert.Equal(ScalarType.Byte, int8.Dtypes["exp_avg_sq.model.layers.0.mlp.up_proj.weight"]);
+        Assert.Equal(ScalarType.Float32, int8.Dtypes["exp_avg.model.layers.0.self_attn.k_proj.weight"]); // 2048 values
     }
 }
