@@ -61,6 +61,8 @@ internal static class BenchMatrix
                 generate with { Precision = "bf16" },
                 generate with { Precision = "fp16" },
                 generate with { Quantize = "int8" },
+                // transformers' load_in_8bit default: the layers int8, everything else (embedding, norms, head) 16-bit.
+                generate with { Quantize = "int8", Precision = "bf16" },
             ]);
         }
         return cases;

@@ -47,7 +47,7 @@ public static class ActivationCheckpointing
         {
             foreach (var layer in Layers)
             {
-                hidden = layer.forward(hidden, context);
+                hidden = DecoderStack.RunLayer(layer, hidden, context);
             }
             return hidden;
         }
@@ -134,6 +134,11 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             using var rng = tensor((byte[])ctx.get_data("rng"));
             var parameters = segment.Trainable();
             using var current = get_rng_state();
+            // The recomputed intermediates live in this scope and go when it ends. Parameter gradients are
+            // accumulated into .grad by a nested backward (as PyTorch's reentrant checkpoint does) instead of being
+            // returned: a returned tensor's C# handle would stay alive in the caller's scope until the step ends,
+            // holding a second copy of every checkpointed parameter's gradient.
+            using var scope = NewDisposeScope();
             set_rng_state(rng);
             Tensor output;
             Tensor input;
@@ -143,11 +148,10 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
                 output = segment.Run(input, Context(saved[1], saved[2], saved[3]));
             }
             set_rng_state(current);
-            var wrt = new List<Tensor> { input };
-            wrt.AddRange(parameters);
-            var grads = autograd.grad([output], wrt, [gradOutput], allow_unused: true);
-            var result = new List<Tensor> { grads[0], null!, null!, null!, null! };
-            result.AddRange(grads.Skip(1));
+            output.backward([gradOutput]);
+            var inputGrad = input.grad?.MoveToOuterDisposeScope();
+            var result = new List<Tensor> { inputGrad!, null!, null!, null!, null! };
+            result.AddRange(parameters.Select(_ => (Tensor)null!));
             return result;
         }
 

@@ -59,7 +59,7 @@ public sealed class LlamaModel : nn.Module<Tensor, KvCache?, Tensor>
         };
         foreach (var layer in layers)
         {
-            hidden = layer.forward(hidden, context);
+            hidden = DecoderStack.RunLayer(layer, hidden, context);
         }
         cache?.Advance((int)t);
         return norm.forward(hidden).MoveToOuterDisposeScope();

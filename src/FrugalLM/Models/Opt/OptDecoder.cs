@@ -107,7 +107,7 @@ public sealed class OptDecoder : nn.Module<Tensor, KvCache?, Tensor>
         };
         foreach (var layer in layers)
         {
-            hidden = layer.forward(hidden, context);
+            hidden = DecoderStack.RunLayer(layer, hidden, context);
         }
         cache?.Advance((int)t);
         if (finalLayerNorm is not null)
