@@ -208,22 +208,22 @@ public static class MemoryEstimator
 
         if (plan.Optimizer != OptimizerKind.None && t.TrainableCount > 0)
         {
-            // The step walks the tensors one at a time; under sharding its tensors are each unit's flat shard.
+            // The step walks the tensors one at a time, each in chunks (OptimizerStepLayout); under sharding its tensors
+            // are each unit's flat shard.
             long stepElements = ranks > 1 ? (t.Largest(u => u.Trainable) + ranks - 1) / ranks : t.LargestTrainable;
-            long denominator = plan.Optimizer == OptimizerKind.AdamW ? stepElements * plan.OptimizerStateBytes : 0;
-            long upcast = plan.UsesMasterWeights ? stepElements * 4 : 0;
-            var parts = new List<string>();
-            if (denominator > 0)
-            {
-                parts.Add("AdamW's denominator");
-            }
-            if (upcast > 0)
-            {
-                parts.Add("the fp32 copy of a 16-bit gradient");
-            }
-            list.Add(new("optimizer_step", "optimizer step temporaries (largest tensor)", denominator + upcast,
+            long chunk = Math.Min(stepElements, OptimizerStepLayout.ChunkElements);
+            bool adam = plan.Optimizer is OptimizerKind.AdamW or OptimizerKind.AdamW8bit;
+            long perValue = adam
+                ? OptimizerStepLayout.TemporaryBytesPerValue(
+                    gradient16Bit: a < 4,
+                    moments16Bit: plan.OptimizerStateBytes < 4 && plan.Optimizer == OptimizerKind.AdamW,
+                    moments8Bit: plan.Optimizer == OptimizerKind.AdamW8bit,
+                    parameter16Bit: a < 4 && !plan.UsesMasterWeights)
+                : (a < 4 ? 4L : 0L); // SGD: the fp32 copy of a 16-bit gradient
+            list.Add(new("optimizer_step", "optimizer step temporaries (one chunk)", chunk * perValue,
                 offload.OptimizerStates == MemoryTier.Device ? MemoryTier.Device : MemoryTier.Host, Phases.OptimizerStep,
-                $"{string.Join(" and ", parts)} for the largest trainable tensor{(ranks > 1 ? " (a unit's shard)" : "")}; the step goes tensor by tensor"));
+                string.Create(CultureInfo.InvariantCulture,
+                    $"{perValue} B x min(largest trainable tensor{(ranks > 1 ? " (a unit's shard)" : "")}, {OptimizerStepLayout.ChunkElements} values): the step goes chunk by chunk")));
         }
 
         // Activations.

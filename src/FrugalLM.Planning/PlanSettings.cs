@@ -155,6 +155,34 @@ public static class AdamW8bitLayout
     public const int MinTensorSize = 4096;
 }
 
+/// <summary>
+/// How the optimizer step walks a tensor: in flat chunks of <see cref="ChunkElements"/> values, so its fp32
+/// temporaries (widened gradient, denominator, working copies of 16-bit or 8-bit moments and weights) are those of
+/// one chunk, not of the largest tensor (a 32000 x 4096 embedding would need 0.5 GiB of them per temporary).
+/// The estimator and the runtime's AdamW both read it.
+/// </summary>
+public static class OptimizerStepLayout
+{
+    /// <summary>Values per chunk: a multiple of <see cref="AdamW8bitLayout.BlockSize"/>, so chunks cut 8-bit moments at block edges.</summary>
+    public const long ChunkElements = 1L << 20;
+
+    /// <summary>
+    /// Peak bytes of fp32 temporaries per value of a chunk the runtime's AdamW holds at once: the scaled gradient
+    /// (and its fp32 copy when the gradient is 16-bit), the denominator, fp32 working copies of moments stored
+    /// in 16 or 8 bits (with 8-bit codes widened to int64 while they are decoded and encoded), and of a
+    /// parameter that is not fp32.
+    /// </summary>
+    public static long TemporaryBytesPerValue(bool gradient16Bit, bool moments16Bit, bool moments8Bit, bool parameter16Bit)
+    {
+        long bytes = 4 + 4; // g x multiplier, denominator
+        bytes += gradient16Bit ? 4 : 0;
+        bytes += moments16Bit ? 8 : 0;
+        bytes += moments8Bit ? 8 + 8 + 8 : 0; // two fp32 moments, an int64 index and a float temporary in flight
+        bytes += parameter16Bit ? 4 : 0;
+        return bytes;
+    }
+}
+
 /// <summary>Gradient (activation) checkpointing of decoder layers.</summary>
 /// <param name="Interval">0: off. k ≥ 1: the stack is cut into segments of k consecutive decoder layers; only each
 /// segment's input is kept and the segment is recomputed in backward.</param>

@@ -15,9 +15,10 @@ public sealed class MemoryEstimatorTests
         // Gradients 4 B each: head unit (final norm 16 + LM head 1600) x 4 = 6,464 first, the rest 28,160.
         Assert.Equal(6_464, e.Bytes("gradients_head"));
         Assert.Equal(28_160, e.Bytes("gradients"));
-        // AdamW: 2 x 4 B x 8656 = 69,248. Step temporary: largest tensor (1600) x 4 B = 6,400.
+        // AdamW: 2 x 4 B x 8656 = 69,248. Step temporaries: the largest tensor (1600, under one chunk) x 8 B
+        // (the clipped gradient and the denominator) = 12,800.
         Assert.Equal(69_248, e.Bytes("optimizer_states"));
-        Assert.Equal(6_400, e.Bytes("optimizer_step"));
+        Assert.Equal(12_800, e.Bytes("optimizer_step"));
         // One layer keeps 1176 B per token (see ActivationTermsOfALlamaLayer); 6 tokens -> 7,056; 2 layers 14,112.
         Assert.Equal(14_112, e.Bytes("activations"));
         Assert.Equal(7_056, e.Bytes("activations_last_layer"));
@@ -33,10 +34,10 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(34_624 + 6_464 + 69_248 + 14_112 + 888 + 3_648 + 7_200 + 1_000, e.DeviceBytesAt(Phases.ForwardEnd));
         // Backward end: weights, all gradients, states, last layer's activations, head, in-flight grads, context.
         Assert.Equal(34_624 + 6_464 + 28_160 + 69_248 + 7_056 + 888 + 3_648 + 1_000, e.DeviceBytesAt(Phases.BackwardEnd));
-        // Optimizer step: weights, gradients, states, the step temporary, context.
-        Assert.Equal(34_624 + 6_464 + 28_160 + 69_248 + 6_400 + 1_000, e.DeviceBytesAt(Phases.OptimizerStep));
-        Assert.Equal(Phases.BackwardEnd, e.PeakPhase);
-        Assert.Equal(151_088, e.DeviceBytes);
+        // Optimizer step: weights, gradients, states, the step temporaries, context.
+        Assert.Equal(34_624 + 6_464 + 28_160 + 69_248 + 12_800 + 1_000, e.DeviceBytesAt(Phases.OptimizerStep));
+        Assert.Equal(Phases.OptimizerStep, e.PeakPhase);
+        Assert.Equal(152_296, e.DeviceBytes);
         Assert.Equal(0, e.HostBytes);
         Assert.Equal(8_656, e.TrainableParameterCount);
     }
@@ -50,7 +51,7 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(3_232, e.Bytes("gradients_head"));    // 1616 x 2
         Assert.Equal(14_080, e.Bytes("gradients"));        // 7040 x 2
         Assert.Equal(69_248, e.Bytes("optimizer_states")); // moments on the fp32 masters
-        Assert.Equal(12_800, e.Bytes("optimizer_step"));   // 1600 x 4 denominator + 1600 x 4 upcast gradient
+        Assert.Equal(19_200, e.Bytes("optimizer_step"));   // 1600 x (4 fp32 gradient + 4 clipped + 4 denominator)
         // bf16 loss: 6 x 100 x (12 + 2) = 8,400.
         Assert.Equal(8_400, e.Bytes("loss"));
     }
@@ -61,7 +62,7 @@ public sealed class MemoryEstimatorTests
         var pure = MemoryEstimator.Estimate(Tiny.Plan() with { Precision = Precision.Bf16Pure });
         Assert.Equal(0, pure.Bytes("master_weights"));
         Assert.Equal(34_624, pure.Bytes("optimizer_states")); // 2 x 2 B x 8656
-        Assert.Equal(3_200, pure.Bytes("optimizer_step"));    // 1600 x 2, no upcast
+        Assert.Equal(38_400, pure.Bytes("optimizer_step"));   // 1600 x (12 as mixed + 8 fp32 moments + 4 fp32 weights)
 
         var sgd = MemoryEstimator.Estimate(Tiny.Plan() with { Optimizer = OptimizerKind.SgdMomentum });
         Assert.Equal(34_624, sgd.Bytes("optimizer_states"));  // 4 B x 8656
@@ -118,7 +119,7 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(0, e.Bytes("gradients_head"));      // the head is frozen
         Assert.Equal(224 * 4, e.Bytes("gradients"));
         Assert.Equal(224 * 8, e.Bytes("optimizer_states"));
-        Assert.Equal(32 * 4, e.Bytes("optimizer_step")); // largest adapter tensor: 32 elements
+        Assert.Equal(32 * 8, e.Bytes("optimizer_step")); // largest adapter tensor: 32 elements x 8 B
         // 968 B per token per layer (see LoraLayerTerms) x 6 tokens x 2 layers.
         Assert.Equal(968 * 6 * 2, e.Bytes("activations"));
         // Head: final norm input 68 + ids 16 (no LM head input: its weight is frozen) = 84 x 6.
@@ -224,8 +225,8 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(6_400 + 6_464 + 2 * 10_880, full.Bytes("fsdp_gathered"));
         // Unsharded gradients of the largest unit before reduce-scatter.
         Assert.Equal(10_880, full.Bytes("gradient_buffer"));
-        // The step walks flat shards: the largest unit (a layer, 2720 parameters) over 2 ranks x 4 B.
-        Assert.Equal(1_360 * 4, full.Bytes("optimizer_step"));
+        // The step walks flat shards: the largest unit (a layer, 2720 parameters) over 2 ranks x 8 B.
+        Assert.Equal(1_360 * 8, full.Bytes("optimizer_step"));
 
         var gradOp = MemoryEstimator.Estimate(Tiny.Plan() with { Sharding = new Sharding(ShardingStrategy.ShardGradOp, 2) });
         Assert.Equal(34_624, gradOp.Bytes("weights")); // ZeRO-2 keeps full weights
@@ -241,7 +242,7 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(MemoryTier.Host, optimizer.Components.Single(c => c.Key == "gradients").Tier);
         Assert.Equal(MemoryTier.Device, optimizer.Components.Single(c => c.Key == "weights").Tier);
         Assert.Equal(10_880, optimizer.Bytes("gradient_buffer")); // one layer's gradients before the copy
-        Assert.Equal(34_624 + 69_248 + 6_400, optimizer.HostBytes); // gradients, states, the CPU step's temporary
+        Assert.Equal(34_624 + 69_248 + 12_800, optimizer.HostBytes); // gradients, states, the CPU step's temporaries
 
         var all = MemoryEstimator.Estimate(Tiny.Plan() with { Offload = OffloadPolicy.All });
         Assert.Equal(MemoryTier.Host, all.Components.Single(c => c.Key == "weights").Tier);

@@ -31,7 +31,8 @@ public enum MomentFormat
 /// AdamW with PyTorch's update rule (decoupled weight decay, bias-corrected moments, eps added after the
 /// square root), with the moments stored in fp32, bf16 or block-wise 8 bits. Written here rather than taken
 /// from TorchSharp because sharding, offloading and 8-bit states need the moments as plain named tensors
-/// that this class exposes and checkpoints. The update itself always runs in fp32, one tensor at a time.
+/// that this class exposes and checkpoints. The update itself always runs in fp32, one tensor at a time and each
+/// tensor in chunks of <see cref="OptimizerStepLayout.ChunkElements"/> values, so the step's temporaries stay a few MiB.
 /// </summary>
 public sealed class AdamW : IDisposable
 {
@@ -138,30 +139,39 @@ public sealed class AdamW : IDisposable
                 {
                     continue;
                 }
-                using var scope = NewDisposeScope();
                 var moments = State(parameter);
-                var (expAvg, expAvgSq) = moments.Read(parameter.shape);
-                var g = grad.to(ScalarType.Float32);
-                if (gradientMultiplier != 1.0)
+                using var flatParameter = parameter.view(-1);
+                using var flatGrad = grad.reshape(-1);
+                long count = flatParameter.shape[0];
+                // Chunk by chunk (OptimizerStepLayout): every temporary below is one chunk's, whatever the tensor's size.
+                for (long start = 0; start < count; start += OptimizerStepLayout.ChunkElements)
                 {
-                    g = g * gradientMultiplier;
+                    using var scope = NewDisposeScope();
+                    long length = Math.Min(OptimizerStepLayout.ChunkElements, count - start);
+                    var p = flatParameter.narrow(0, start, length);
+                    var g = flatGrad.narrow(0, start, length).to(ScalarType.Float32);
+                    if (gradientMultiplier != 1.0)
+                    {
+                        g = g * gradientMultiplier;
+                    }
+                    if (group.WeightDecay != 0)
+                    {
+                        p.mul_(1 - LearningRate * group.WeightDecay);
+                    }
+                    var (expAvg, expAvgSq) = moments.Read(start, length);
+                    expAvg.lerp_(g, 1 - Beta1);
+                    expAvgSq.mul_(Beta2).addcmul_(g, g, 1 - Beta2);
+                    var denom = expAvgSq.sqrt().div_(correction2Sqrt).add_(Eps);
+                    if (p.dtype == ScalarType.Float32)
+                    {
+                        p.addcdiv_(expAvg, denom, -stepSize);
+                    }
+                    else
+                    {
+                        p.copy_(p.to(ScalarType.Float32).addcdiv_(expAvg, denom, -stepSize));
+                    }
+                    moments.Write(start, expAvg, expAvgSq);
                 }
-                if (group.WeightDecay != 0)
-                {
-                    parameter.mul_(1 - LearningRate * group.WeightDecay);
-                }
-                expAvg.lerp_(g, 1 - Beta1);
-                expAvgSq.mul_(Beta2).addcmul_(g, g, 1 - Beta2);
-                var denom = (expAvgSq.sqrt() / correction2Sqrt).add_(Eps);
-                if (parameter.dtype == ScalarType.Float32)
-                {
-                    parameter.addcdiv_(expAvg, denom, -stepSize);
-                }
-                else
-                {
-                    parameter.copy_(parameter.to(ScalarType.Float32).addcdiv_(expAvg, denom, -stepSize));
-                }
-                moments.Write(expAvg, expAvgSq);
             }
         }
     }
@@ -257,23 +267,43 @@ public sealed class AdamW : IDisposable
             (expAvgSq, avgSqScale) = unsigned.Allocate(count);
         }
 
-        /// <summary>fp32 working copies (for fp32 storage, the moments themselves, updated in place).</summary>
-        public (Tensor, Tensor) Read(long[] shape) => signed is null
-            ? (expAvg.to(ScalarType.Float32), expAvgSq.to(ScalarType.Float32))
-            : (signed.Dequantize(expAvg, avgScale!, shape), unsigned!.Dequantize(expAvgSq, avgSqScale!, shape));
+        /// <summary>
+        /// fp32 working copies of <paramref name="length"/> values from <paramref name="start"/> (for fp32 storage, views
+        /// of the moments themselves, updated in place). 8-bit chunks start on a block edge (chunks are whole blocks).
+        /// </summary>
+        public (Tensor, Tensor) Read(long start, long length)
+        {
+            if (signed is null)
+            {
+                return (expAvg.view(-1).narrow(0, start, length).to(ScalarType.Float32), expAvgSq.view(-1).narrow(0, start, length).to(ScalarType.Float32));
+            }
+            var (codes, scales, squareCodes, squareScales) = Blocks(start, length);
+            return (signed.Dequantize(codes, scales, [length]), unsigned!.Dequantize(squareCodes, squareScales, [length]));
+        }
 
-        public void Write(Tensor avg, Tensor avgSq)
+        /// <summary>Stores the chunk of <see cref="Read"/> back (a no-op for fp32 moments, already updated in place).</summary>
+        public void Write(long start, Tensor avg, Tensor avgSq)
         {
             if (signed is not null)
             {
-                signed.Quantize(avg, expAvg, avgScale!);
-                unsigned!.Quantize(avgSq, expAvgSq, avgSqScale!);
+                var (codes, scales, squareCodes, squareScales) = Blocks(start, avg.shape[0]);
+                signed.Quantize(avg, codes, scales);
+                unsigned!.Quantize(avgSq, squareCodes, squareScales);
             }
             else if (expAvg.dtype != ScalarType.Float32)
             {
-                expAvg.copy_(avg);
-                expAvgSq.copy_(avgSq);
+                expAvg.view(-1).narrow(0, start, avg.shape[0]).copy_(avg);
+                expAvgSq.view(-1).narrow(0, start, avg.shape[0]).copy_(avgSq);
             }
+        }
+
+        // The 8-bit codes and scales of the whole blocks that hold values [start, start + length).
+        private (Tensor, Tensor, Tensor, Tensor) Blocks(long start, long length)
+        {
+            int block = signed!.BlockSize;
+            long padded = Math.Min((length + block - 1) / block * block, expAvg.shape[0] - start);
+            return (expAvg.narrow(0, start, padded), avgScale!.narrow(0, start / block, padded / block),
+                expAvgSq.narrow(0, start, padded), avgSqScale!.narrow(0, start / block, padded / block));
         }
 
         public IEnumerable<Tensor> Tensors() => new[] { expAvg, expAvgSq, avgScale, avgSqScale }.OfType<Tensor>();

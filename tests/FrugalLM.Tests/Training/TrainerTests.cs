@@ -1,4 +1,5 @@
 using FrugalLM.Models.Llama;
+using FrugalLM.Planning;
 using FrugalLM.Training;
 using static TorchSharp.torch;
 
@@ -66,14 +67,16 @@ public sealed class TrainerTests
         Assert.Equal(0.1, schedule.At(110), 12);
     }
 
-    [Fact]
-    public void AdamWMatchesAFloat64Recomputation()
+    [Theory]
+    [InlineData(5, 4, 1.0)]
+    [InlineData(3, (int)(OptimizerStepLayout.ChunkElements / 2) + 13, 0.5)] // three chunks, the last ragged; clipped
+    public void AdamWMatchesAFloat64Recomputation(int rows, int columns, double multiplier)
     {
         // Three steps on one parameter with fresh random gradients, against the update rule in float64.
         var generator = new TorchSharp.torch.Generator(31);
-        using var start = randn([5, 4], generator: generator);
+        using var start = randn([rows, columns], generator: generator);
         var p = start.clone().requires_grad_(true);
-        var grads = Enumerable.Range(0, 3).Select(_ => randn([5, 4], generator: generator)).ToList();
+        var grads = Enumerable.Range(0, 3).Select(_ => randn([rows, columns], generator: generator)).ToList();
         using var optimizer = new AdamW([new ParameterGroup([("p", p)], 0.05)], 0.01, 0.9, 0.99, 1e-3);
         var reference = start.to(ScalarType.Float64);
         var m = zeros_like(reference);
@@ -81,8 +84,8 @@ public sealed class TrainerTests
         for (int t = 1; t <= 3; t++)
         {
             p.grad = grads[t - 1].clone();
-            optimizer.Step();
-            var g = grads[t - 1].to(ScalarType.Float64);
+            optimizer.Step(multiplier);
+            var g = grads[t - 1].to(ScalarType.Float64) * multiplier;
             reference = reference * (1 - 0.01 * 0.05);
             m = 0.9 * m + 0.1 * g;
             v = 0.99 * v + 0.01 * g * g;
@@ -91,6 +94,34 @@ public sealed class TrainerTests
         }
         // fp32 arithmetic over three steps: ~1e-7 relative.
         Assert.True(TensorAssert.RelativeError(p.detach(), reference) < 1e-6);
-        Assert.Equal(2 * 20 * 4, optimizer.StateBytes);
+        Assert.Equal(2L * rows * columns * 4, optimizer.StateBytes);
+    }
+
+    [Fact]
+    public void EightBitAdamWStepsALargeTensorChunkByChunkAsIfEachChunkWereItsOwnTensor()
+    {
+        // The step cuts tensors into chunks on 8-bit block edges, so a tensor of 2.5 chunks must move exactly as its
+        // three pieces do when each is a parameter of its own with its own quantized moments.
+        long chunk = OptimizerStepLayout.ChunkElements, n = 2 * chunk + chunk / 2 + 5;
+        var generator = new TorchSharp.torch.Generator(8);
+        using var start = randn([n], generator: generator);
+        var grads = Enumerable.Range(0, 3).Select(_ => randn([n], generator: generator) * 1e-2).ToList();
+        var whole = start.clone().requires_grad_(true);
+        var pieces = Enumerable.Range(0, 3).Select(i => start.narrow(0, i * chunk, Math.Min(chunk, n - i * chunk)).clone().requires_grad_(true)).ToArray();
+        using var one = new AdamW([new ParameterGroup([("w", whole)], 0.1)], 1e-3, format: MomentFormat.Blockwise8Bit);
+        using var three = new AdamW([new ParameterGroup(pieces.Select((q, i) => ($"w{i}", q)).ToList(), 0.1)], 1e-3, format: MomentFormat.Blockwise8Bit);
+        foreach (var g in grads)
+        {
+            whole.grad = g.clone();
+            for (int i = 0; i < 3; i++)
+            {
+                pieces[i].grad = g.narrow(0, i * chunk, pieces[i].shape[0]).clone();
+            }
+            one.Step(0.7);
+            three.Step(0.7);
+        }
+        using var joined = cat(pieces.Select(q => q.detach()).ToArray());
+        Assert.True(whole.detach().eq(joined).all().item<bool>(), "the chunked step differs from separate tensors");
+        Assert.False(whole.detach().eq(start).all().item<bool>(), "the step moved nothing");
     }
 }
