@@ -68,12 +68,20 @@ public static class CausalLmLoss
             var labels = saved[2];
             int chunk = (int)ctx.get_data("chunk");
             long n = hidden.shape[0];
+            using var scope = NewDisposeScope();
             var gradHidden = zeros_like(hidden);
-            var gradWeight = weight.requires_grad ? zeros(weight.shape, dtype: ScalarType.Float32) : null;
+            // A leaf weight (the parameter, or mixed precision's compute copy) gets its gradient added to .grad here, in
+            // place, as autograd's accumulation would: a returned gradient's handle would stay alive in the step's
+            // dispose scope until the step ends, a second [vocab, hidden] copy through the whole backward pass.
+            bool direct = weight.requires_grad && weight.is_leaf;
+            var existing = direct ? weight.grad : null;
+            Tensor? gradWeight = !weight.requires_grad ? null
+                : existing is not null && existing.dtype == ScalarType.Float32 ? existing
+                : zeros(weight.shape, dtype: ScalarType.Float32);
             var weight32 = weight.to(ScalarType.Float32);
             for (long start = 0; start < n; start += chunk)
             {
-                using var scope = NewDisposeScope();
+                using var chunkScope = NewDisposeScope();
                 long size = Math.Min(chunk, n - start);
                 var h = hidden.narrow(0, start, size);
                 var y = labels.narrow(0, start, size);
@@ -85,9 +93,22 @@ public static class CausalLmLoss
                 dlogits.scatter_add_(1, target.unsqueeze(1), counted.to(ScalarType.Float32).neg().unsqueeze(1));
                 dlogits.mul_(counted.to(ScalarType.Float32).unsqueeze(1) * gradOutput.to(ScalarType.Float32));
                 gradHidden.narrow(0, start, size).copy_(dlogits.mm(weight32));
-                gradWeight?.add_(dlogits.t().mm(h.to(ScalarType.Float32)));
+                gradWeight?.addmm_(dlogits.t(), h.to(ScalarType.Float32));
             }
-            return [gradHidden, gradWeight?.to(weight.dtype)!, null!, null!];
+            gradHidden.MoveToOuterDisposeScope();
+            if (gradWeight is null || !direct)
+            {
+                return [gradHidden, gradWeight?.to(weight.dtype).MoveToOuterDisposeScope()!, null!, null!];
+            }
+            if (existing is null)
+            {
+                weight.grad = gradWeight.to(weight.dtype);
+            }
+            else if (!ReferenceEquals(existing, gradWeight))
+            {
+                existing.add_(gradWeight);
+            }
+            return [gradHidden, null!, null!, null!];
         }
     }
 }

@@ -14,18 +14,23 @@ public sealed class LossAndResumeTests
     [InlineData(false, 7)]
     [InlineData(true, 5)]
     [InlineData(false, 1000)]
-    public void ChunkedLossEqualsTheFullLossWithTheSameGradients(bool tied, int chunk)
+    [InlineData(true, 5, true)]
+    [InlineData(false, 7, true)]
+    public void ChunkedLossEqualsTheFullLossWithTheSameGradients(bool tied, int chunk, bool accumulate = false)
     {
         using var model = new LlamaForCausalLM(TestSupport.TinyConfig(tied));
         model.InitializeWeights(seed: 14, std: 0.2);
         using var ids = randint(0, 101, [3, 12], dtype: ScalarType.Int64);
         var labels = ids[.., 1..].clone();
         labels[0, TensorIndex.Slice(0, 4)] = tensor(TrainingBatch.IgnoreLabel); // some positions take no loss
+        // With accumulate, gradients of an earlier micro-batch are already there: the chunked loss adds the head's
+        // gradient to them in place instead of returning it, and must add, not overwrite.
+        var earlier = model.named_parameters().ToDictionary(p => p.name, p => randn_like(p.parameter));
         (double Loss, Dictionary<string, Tensor> Grads) Run(bool chunked)
         {
-            foreach (var p in model.parameters())
+            foreach (var (name, p) in model.named_parameters())
             {
-                p.grad = null;
+                p.grad = accumulate ? earlier[name].clone() : null;
             }
             var hidden = model.Hidden(ids[.., ..^1]);
             var loss = chunked ? CausalLmLoss.Chunked(hidden, model.HeadWeight!, labels, chunk) : CausalLmLoss.Full(model.Logits(hidden), labels);
