@@ -129,16 +129,16 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
         {
+            // The recomputed intermediates, and the handles of the saved inputs, live in this scope and go when it ends.
+            // Parameter gradients are accumulated into .grad by a nested backward (as PyTorch's reentrant checkpoint
+            // does) instead of being returned: a returned tensor's C# handle would stay alive in the caller's scope until
+            // the step ends, holding a second copy of every checkpointed parameter's gradient.
+            using var scope = NewDisposeScope();
             var saved = ctx.get_saved_variables();
             var segment = (ActivationCheckpointing.Segment)ctx.get_data("segment");
-            using var rng = tensor((byte[])ctx.get_data("rng"));
+            var rng = tensor((byte[])ctx.get_data("rng"));
             var parameters = segment.Trainable();
-            using var current = get_rng_state();
-            // The recomputed intermediates live in this scope and go when it ends. Parameter gradients are
-            // accumulated into .grad by a nested backward (as PyTorch's reentrant checkpoint does) instead of being
-            // returned: a returned tensor's C# handle would stay alive in the caller's scope until the step ends,
-            // holding a second copy of every checkpointed parameter's gradient.
-            using var scope = NewDisposeScope();
+            var current = get_rng_state();
             set_rng_state(rng);
             Tensor output;
             Tensor input;
