@@ -140,7 +140,8 @@ public sealed class MixedPrecision : IDisposable
                 }
                 else
                 {
-                    master.grad = g.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+                    // The grad slot holds its own reference: this handle may go with the step's scope.
+                    master.grad = g.to(ScalarType.Float32, copy: true);
                 }
                 g.zero_();
             }
@@ -186,14 +187,21 @@ public sealed class MixedPrecision : IDisposable
         return Math.Sqrt(sum);
     }
 
-    /// <summary>Clears model gradients and fp32 accumulators.</summary>
+    /// <summary>
+    /// Releases model gradients and fp32 accumulators (PyTorch's <c>zero_grad(set_to_none=True)</c>): between steps
+    /// and through the next forward pass no gradient memory exists, and backward allocates each gradient when it is
+    /// born, which is when the estimator counts it (gradients of the decoder layers are alive from the end of
+    /// backward, not at the end of forward, when the stored activations peak).
+    /// </summary>
     public void ZeroGradients()
     {
-        using var noGrad = no_grad();
         foreach (var (_, model, master) in parameters)
         {
-            model.grad?.zero_();
-            master?.grad?.zero_();
+            model.grad = null;
+            if (master is not null)
+            {
+                master.grad = null;
+            }
         }
     }
 

@@ -276,6 +276,7 @@ public sealed class Trainer
             precision.SyncWeights();
         }
         precision.Scaler?.Update(overflow);
+        precision.ZeroGradients(); // no gradient memory through evaluation, samples and checkpoints between steps
         return new StepResult(loss, norm, overflow);
     }
 
