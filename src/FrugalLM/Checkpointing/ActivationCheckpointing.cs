@@ -1,5 +1,6 @@
 using FrugalLM.Models;
 using FrugalLM.Models.Llama;
+using FrugalLM.Native;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -133,6 +134,7 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             // Parameter gradients are accumulated into .grad by a nested backward (as PyTorch's reentrant checkpoint
             // does) instead of being returned: a returned tensor's C# handle would stay alive in the caller's scope until
             // the step ends, holding a second copy of every checkpointed parameter's gradient.
+            AutogradHandles.BeginBackward();
             using var scope = NewDisposeScope();
             var saved = ctx.get_saved_variables();
             var segment = (ActivationCheckpointing.Segment)ctx.get_data("segment");
@@ -152,7 +154,7 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             var inputGrad = input.grad?.MoveToOuterDisposeScope();
             var result = new List<Tensor> { inputGrad!, null!, null!, null!, null! };
             result.AddRange(parameters.Select(_ => (Tensor)null!));
-            return result;
+            return AutogradHandles.EndBackward(gradOutput, result);
         }
 
         private static DecoderContext Context(Tensor cos, Tensor sin, Tensor mask) => new()

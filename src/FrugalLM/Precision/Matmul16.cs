@@ -67,6 +67,7 @@ public static class Matmul16
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
         {
+            AutogradHandles.BeginBackward();
             var saved = ctx.get_saved_variables();
             var input = saved[0];
             var weight = saved[1];
@@ -96,7 +97,7 @@ public static class Matmul16
                 gradWeight = gw?.MoveToOuterDisposeScope();
                 gradBias = gb?.MoveToOuterDisposeScope();
             }
-            return hasBias ? [gradInput!, gradWeight!, gradBias!] : [gradInput!, gradWeight!];
+            return AutogradHandles.EndBackward(gradOutput, hasBias ? [gradInput!, gradWeight!, gradBias!] : [gradInput!, gradWeight!]);
         }
     }
 }

@@ -327,6 +327,7 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
         {
+            AutogradHandles.BeginBackward();
             var layer = (Int8Linear)ctx.get_data("layer");
             var dtype = (ScalarType)ctx.get_data("dtype");
             var grad = layer.InputGradient(gradOutput);
@@ -335,7 +336,7 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
                 using var float32 = grad;
                 grad = float32.to(dtype);
             }
-            return [grad, null!, null!];
+            return AutogradHandles.EndBackward(gradOutput, [grad, null!, null!]);
         }
     }
 }

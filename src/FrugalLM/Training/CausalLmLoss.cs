@@ -1,3 +1,4 @@
+using FrugalLM.Native;
 using FrugalLM.Precision;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -62,6 +63,7 @@ public static class CausalLmLoss
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
         {
+            AutogradHandles.BeginBackward();
             var saved = ctx.get_saved_variables();
             var hidden = saved[0];
             var weight = saved[1];
@@ -98,7 +100,7 @@ public static class CausalLmLoss
             gradHidden.MoveToOuterDisposeScope();
             if (gradWeight is null || !direct)
             {
-                return [gradHidden, gradWeight?.to(weight.dtype).MoveToOuterDisposeScope()!, null!, null!];
+                return AutogradHandles.EndBackward(gradOutput, [gradHidden, gradWeight?.to(weight.dtype).MoveToOuterDisposeScope()!, null!, null!]);
             }
             if (existing is null)
             {
@@ -108,7 +110,7 @@ public static class CausalLmLoss
             {
                 existing.add_(gradWeight);
             }
-            return [gradHidden, null!, null!, null!];
+            return AutogradHandles.EndBackward(gradOutput, [gradHidden, null!, null!, null!]);
         }
     }
 }
