@@ -139,19 +139,29 @@ public static class ActivationModel
     /// <summary>
     /// Peak bytes of logits and cross-entropy: three fp32 tensors of tokens x vocabulary at once (the kept
     /// log-probabilities, the gradient arriving at them, the gradient leaving them), plus one at compute precision
-    /// when that is not fp32 (logits before the upcast, their gradient after the downcast). Chunked: the same for
-    /// one chunk of tokens.
+    /// when the head computes in 16 bits (logits before the upcast, their gradient after the downcast). Chunked: the
+    /// same for one chunk of tokens.
     /// </summary>
     public static long LossBytes(RunPlan plan, long batch, long sequence)
     {
         ArgumentNullException.ThrowIfNull(plan);
-        long a = plan.ComputeBytes;
         long tokens = checked(batch * sequence);
         if (plan.Loss.Chunked)
         {
             tokens = Math.Min(tokens, plan.Loss.ChunkTokens);
         }
-        return checked(tokens * plan.Model.VocabSize * (3 * Fp32 + (a < Fp32 ? a : 0)));
+        return checked(tokens * plan.Model.VocabSize * (3 * Fp32 + LogitsBytes16(plan)));
+    }
+
+    /// <summary>
+    /// Bytes per logit of the 16-bit logits that exist besides the fp32 ones: the compute precision's width when that
+    /// is 16-bit, 0 in fp32 and when the head is kept in fp32 (<see cref="RunPlan.HeadInFp32"/>: fp32 logits directly).
+    /// </summary>
+    public static long LogitsBytes16(RunPlan plan)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        long a = plan.ComputeBytes;
+        return a < Fp32 && !plan.HeadInFp32 ? a : 0;
     }
 
     /// <summary>

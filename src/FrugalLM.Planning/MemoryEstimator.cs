@@ -158,7 +158,7 @@ public static class MemoryEstimator
             bool quantized = plan.Quantization.Kind != QuantizationKind.None && t.Role == TensorRole.LayerLinearWeight;
             int key = t.Layer >= 0 ? t.Layer : t.Role is TensorRole.FinalNorm or TensorRole.LmHead ? HeadUnit : EmbeddingUnit;
             var unit = account[key];
-            unit.Weights += quantized ? plan.Quantization.WeightBytes(t.Count, t.Rows) : t.Count * a;
+            unit.Weights += quantized ? plan.Quantization.WeightBytes(t.Count, t.Rows) : t.Count * (plan.KeepsInFp32(t.Role) ? 4 : a);
             if (!trainable)
             {
                 continue;
@@ -251,8 +251,8 @@ public static class MemoryEstimator
             MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "b x s x (2 hidden + widest intermediate group)"));
         list.Add(new("loss", plan.Loss.Chunked ? "logits and loss (one chunk)" : "fp32 logits and loss", ActivationModel.LossBytes(plan, b, s),
             MemoryTier.Device, Phases.ForwardEnd, plan.Loss.Chunked
-                ? $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (12 + {(a < 4 ? a : 0)}) B"
-                : $"b x s x vocab x (12 + {(a < 4 ? a : 0)}) B"));
+                ? $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (12 + {ActivationModel.LogitsBytes16(plan)}) B"
+                : $"b x s x vocab x (12 + {ActivationModel.LogitsBytes16(plan)}) B"));
 
         // Buffers of sharding and offloading.
         if (fullShard)
@@ -343,7 +343,10 @@ public static class MemoryEstimator
         };
     }
 
-    private static string WeightsFormula(RunPlan plan) => plan.Quantization.Kind switch
+    private static string WeightsFormula(RunPlan plan) => BaseWeightsFormula(plan)
+        + (plan.Trains && plan.Fp32NormsAndHead && plan.ComputeBytes < 4 ? "; 4 B for norms and an untied LM head" : "");
+
+    private static string BaseWeightsFormula(RunPlan plan) => plan.Quantization.Kind switch
     {
         QuantizationKind.Int8 => $"1 B per linear weight + 4 B per output row; {plan.ComputeBytes} B for the rest",
         QuantizationKind.Nf4 => string.Create(CultureInfo.InvariantCulture,

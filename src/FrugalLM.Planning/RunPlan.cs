@@ -32,6 +32,14 @@ public sealed record RunPlan
     /// <summary>Activation checkpointing (training only).</summary>
     public Checkpointing Checkpointing { get; init; } = Checkpointing.None;
 
+    /// <summary>
+    /// Training adapters on a frozen base with 16-bit compute: norm weights and an untied LM head stay fp32 (the head
+    /// then returns fp32 logits), everything else follows <see cref="Precision"/>. Half of PEFT's
+    /// <c>prepare_model_for_kbit_training</c>; <see cref="KbitTraining.Prepare"/> sets it with checkpointing.
+    /// Requires <see cref="Lora"/>; ignored when generating.
+    /// </summary>
+    public bool Fp32NormsAndHead { get; init; }
+
     /// <summary>The attention kernel.</summary>
     public AttentionKind Attention { get; init; } = AttentionKind.Sdpa;
 
@@ -70,6 +78,14 @@ public sealed record RunPlan
 
     /// <summary>Bytes per element of weights, activations and gradients at the compute precision.</summary>
     public int ComputeBytes => Precision == Precision.Fp32 ? 4 : 2;
+
+    /// <summary>Whether a training run keeps tensors of <paramref name="role"/> in fp32 whatever the compute precision
+    /// (<see cref="Fp32NormsAndHead"/>: norm weights, and the LM head, which the model lists only when it is untied).</summary>
+    public bool KeepsInFp32(TensorRole role) =>
+        Trains && Fp32NormsAndHead && role is TensorRole.LayerNorm or TensorRole.FinalNorm or TensorRole.LmHead;
+
+    /// <summary>Whether the LM head is a separate matrix kept in fp32, so the logits come out in fp32.</summary>
+    public bool HeadInFp32 => KeepsInFp32(TensorRole.LmHead) && !Model.TieWordEmbeddings;
 
     /// <summary>Bytes per element of optimizer states (the masters' width; bf16 when there are no masters).</summary>
     public int OptimizerStateBytes => Precision == Precision.Bf16Pure ? 2 : 4;
@@ -120,6 +136,8 @@ public sealed record RunPlan
         ValidateLora();
         Require(!(Trains && Quantization.Kind != QuantizationKind.None && Lora is null),
             "a quantized base is frozen: training it needs LoRA adapters (--lora-r)");
+        Require(!(Trains && Fp32NormsAndHead && Lora is null),
+            "fp32 norms and head are for training adapters on a frozen base: they need LoRA adapters (--lora-r)");
         if (Sharding.Strategy == ShardingStrategy.None)
         {
             Require(Sharding.WorldSize == 1,
@@ -147,6 +165,10 @@ public sealed record RunPlan
             if (Optimizer != OptimizerKind.None)
             {
                 warnings.Add("the optimizer is ignored when generating");
+            }
+            if (Fp32NormsAndHead)
+            {
+                warnings.Add("fp32 norms and head (k-bit training preparation) have no effect when generating");
             }
         }
         return warnings;
@@ -203,6 +225,10 @@ public sealed record RunPlan
         parts.Add(Lora?.ToString() ?? (Trains ? "full" : "weights"));
         if (Trains)
         {
+            if (Fp32NormsAndHead && ComputeBytes < 4)
+            {
+                parts.Add("fp32 norms+head");
+            }
             if (Checkpointing.Enabled)
             {
                 parts.Add(Checkpointing.Interval == 1 ? "ckpt" : $"ckpt/{Checkpointing.Interval}");

@@ -18,7 +18,8 @@ public sealed record AppliedTechniques(MixedPrecision Precision, LoraModel? Lora
 
 /// <summary>
 /// Applies a plan's techniques to a loaded model in the one fixed order they compose in: quantize the base,
-/// add LoRA adapters, set the precision, wrap layers for checkpointing (sharding and offloading come last).
+/// add LoRA adapters, set the precision (with fp32 norms and head when the plan keeps them,
+/// <see cref="KbitTraining"/>), wrap layers for checkpointing (sharding and offloading come last).
 /// Each step is a module replacement or wrapper that knows nothing of the others.
 /// </summary>
 public static class Techniques
@@ -62,7 +63,9 @@ public static class Techniques
                 p.requires_grad_(false); // loaded adapters arrive trainable
             }
         }
-        var precision = MixedPrecision.Apply(model, plan.Precision, plan.GradientAccumulationSteps);
+        // After quantization (an int8 head stays int8) and LoRA (adapters follow the compute precision).
+        var fp32 = plan.Trains && plan.Fp32NormsAndHead ? Fp32NormsAndHead.Apply(model) : [];
+        var precision = MixedPrecision.Apply(model, plan.Precision, plan.GradientAccumulationSteps, fp32Modules: fp32);
         if (plan.Trains && plan.Checkpointing.Enabled)
         {
             ActivationCheckpointing.Apply(model, plan.Checkpointing.Interval);

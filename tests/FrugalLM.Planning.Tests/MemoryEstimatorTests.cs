@@ -109,6 +109,47 @@ public sealed class MemoryEstimatorTests
     }
 
     [Fact]
+    public void KbitPreparationKeepsNormsAndHeadInFp32AndNothingElse()
+    {
+        var plan = Tiny.Plan() with
+        {
+            Precision = Precision.Bf16,
+            Quantization = Quantization.Int8,
+            Lora = new LoraSettings(2, 4, ["q_proj", "v_proj"], 0),
+        };
+        var prepared = KbitTraining.Prepare(plan);
+        Assert.True(prepared.Fp32NormsAndHead);
+        Assert.Equal(Checkpointing.EveryLayer, prepared.Checkpointing);
+        Assert.Equal(new Checkpointing(2), KbitTraining.Prepare(plan with { Checkpointing = new Checkpointing(2) }).Checkpointing);
+        var e = MemoryEstimator.Estimate(prepared);
+        // int8 linear weights 2 x 3,264 = 6,528 (see QuantizedBaseWeights); embedding 1600 x 2 B = 3,200 (not
+        // up-cast); norms 2 x (16 + 16) + final 16 = 80 x 4 B = 320; LM head 1600 x 4 B = 6,400; adapters 224 x 2 B
+        // = 448. Sum 16,896.
+        Assert.Equal(6_528 + 3_200 + 320 + 6_400 + 448, e.Bytes("weights"));
+        // Unprepared, norms and head are bf16: 80 x 2 + 1600 x 2 = 3,360 fewer.
+        Assert.Equal(16_896 - 3_360, MemoryEstimator.Estimate(plan).Bytes("weights"));
+        // The fp32 head gives fp32 logits directly: 6 tokens x 100 x 12 B = 7,200 (8,400 with bf16 logits).
+        Assert.Equal(7_200, e.Bytes("loss"));
+        Assert.Equal(8_400, MemoryEstimator.Estimate(plan).Bytes("loss"));
+        // Checkpointing on: 2 segment inputs x 6 tokens x 16 x 2 B = 384.
+        Assert.Equal(384, e.Bytes("activations"));
+        // Frozen norms and head: no gradients, masters or states of theirs.
+        Assert.Equal(0, e.Bytes("gradients_head"));
+        Assert.Equal(224 * 4, e.Bytes("master_weights"));
+
+        // OPT ties its head to the embedding, which stays bf16: only the LayerNorms (weight and bias, 2 x 2 x 16 + 16
+        // = 80) widen. Float base: (2304 - 80) x 2 B = 4,448 + 80 x 4 B = 320 + adapters (q, v: 4 x 16 per layer,
+        // 128) x 2 B = 256 -> 5,024. The head computes in bf16, so the loss keeps its bf16 logits: 6 x 50 x 14 = 4,200.
+        var opt = MemoryEstimator.Estimate(KbitTraining.Prepare(Tiny.Plan(Tiny.Opt()) with
+        {
+            Precision = Precision.Bf16,
+            Lora = new LoraSettings(2, 4, ["q_proj", "v_proj"], 0),
+        }));
+        Assert.Equal(4_448 + 320 + 256, opt.Bytes("weights"));
+        Assert.Equal(4_200, opt.Bytes("loss"));
+    }
+
+    [Fact]
     public void LoraTrainsOnlyItsAdapters()
     {
         var plan = Tiny.Plan() with { Lora = new LoraSettings(2, 4, ["q_proj", "v_proj"], 0) };

@@ -16,7 +16,7 @@ namespace FrugalLM.Cli.Commands;
 /// <c>frugal bench</c>: every technique measured in its own process (peak resident set, tokens/s, the
 /// estimator's prediction of the same plan), and where PyTorch has the configuration, the peer
 /// (<c>tools/peer_bench.py</c>) run alternately with ours on the same model, data sizes, seed and threads.
-/// <c>frugal bench-case</c> is the child it launches.
+/// <c>frugal bench-case</c> is the child it launches; <c>frugal bench int8-kernels</c> (<see cref="BenchInt8Command"/>) times the int8 kernel alone.
 /// </summary>
 internal static class BenchCommand
 {
@@ -43,6 +43,7 @@ internal static class BenchCommand
         {
             quick, models, peer, python, output, work, steps, warmup, repeat, threads, only,
         };
+        command.Subcommands.Add(BenchInt8Command.Create());
         command.SetAction(pr => CliRunner.Run(() =>
         {
             var root = RepositoryRoot();
@@ -268,7 +269,8 @@ internal static class BenchCommand
     private static string Slug(string text) =>
         new string(text.Select(ch => char.IsAsciiLetterOrDigit(ch) ? char.ToLowerInvariant(ch) : '-').ToArray()).Replace("--", "-").Trim('-');
 
-    private static string CpuName() =>
+    /// <summary>The CPU's model name from /proc/cpuinfo.</summary>
+    internal static string CpuName() =>
         File.Exists("/proc/cpuinfo")
             ? File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal))?.Split(':', 2)[1].Trim() ?? "unknown CPU"
             : "unknown CPU";

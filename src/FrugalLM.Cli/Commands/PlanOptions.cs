@@ -52,6 +52,11 @@ internal sealed class PlanOptions
         DefaultValueFactory = _ => 0,
     };
 
+    public Option<bool> Fp32NormsAndHead { get; } = new("--fp32-norms-and-head")
+    {
+        Description = "Training LoRA in 16 bits: norm weights and an untied LM head in fp32 (frugal train's default with --quantize int8)",
+    };
+
     public Option<string> Attention { get; } = new("--attention") { Description = "sdpa (flash/memory-efficient) or eager", DefaultValueFactory = _ => "sdpa" };
 
     public Option<string> Loss { get; } = new("--loss") { Description = "full (fp32 logits for all tokens) or chunked", DefaultValueFactory = _ => "full" };
@@ -86,7 +91,7 @@ internal sealed class PlanOptions
         Option[] all =
         [
             Model, Mode, Precision, Quant, DoubleQuant, LoraRank, LoraAlpha, LoraTargets, LoraDropout, Optimizer,
-            CheckpointEvery, Attention, Loss, LossChunk, Fsdp, Gpus, Offload, Batch, Sequence, GradientAccumulation,
+            CheckpointEvery, Fp32NormsAndHead, Attention, Loss, LossChunk, Fsdp, Gpus, Offload, Batch, Sequence, GradientAccumulation,
             Gpu, Budget, Memory, CudaContext, RuntimeBaseline,
         ];
         foreach (var option in all)
@@ -164,6 +169,7 @@ internal sealed class PlanOptions
             Optimizer = optimizer is not null ? PlanNames.ParseOptimizer(optimizer)
                 : mode == RunMode.Train ? OptimizerKind.AdamW : OptimizerKind.None,
             Checkpointing = new Checkpointing(result.GetValue(CheckpointEvery)),
+            Fp32NormsAndHead = result.GetValue(Fp32NormsAndHead),
             Attention = PlanNames.ParseAttention(result.GetValue(Attention)!),
             Loss = ParseLoss(result.GetValue(Loss)!, result.GetValue(LossChunk)),
             Sharding = new Sharding(PlanNames.ParseStrategy(result.GetValue(Fsdp)!), result.GetValue(Gpus)),

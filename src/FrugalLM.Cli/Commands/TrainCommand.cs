@@ -36,6 +36,7 @@ internal static class TrainCommand
         var accumulation = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step (the loss is normalized over the step's tokens)", DefaultValueFactory = _ => 1 };
         var precision = new Option<string>("--precision") { Description = "fp32; bf16 or fp16 (16-bit compute, fp32 masters; fp16 adds loss scaling and, on a CPU, computes matmuls in fp32); bf16-pure (bf16 weights and optimizer, no masters)", DefaultValueFactory = _ => "fp32" };
         var gradCheckpointing = new Option<bool?>("--grad-checkpointing") { Description = "Keep only decoder-layer inputs and recompute the layers in backward (default: on with --quantize int8, as PEFT's prepare_model_for_kbit_training; off otherwise)" };
+        var fp32NormsAndHead = new Option<bool?>("--fp32-norms-and-head") { Description = "With LoRA and 16-bit precision: keep norm weights and an untied LM head in fp32, everything else (embedding included) 16-bit (default: on with --quantize int8, the rest of PEFT's prepare_model_for_kbit_training without its fp32 up-cast of every weight)" };
         var checkpointEvery = new Option<int>("--checkpoint-every") { Description = "With --grad-checkpointing: layers per recomputed segment", DefaultValueFactory = _ => 1 };
         var lossChunk = new Option<int>("--loss-chunk") { Description = "Compute the LM head and loss over chunks of this many tokens, never materializing all logits (0: all at once)", DefaultValueFactory = _ => 0 };
         var loraRank = new Option<int>("--lora-r") { Description = "LoRA rank: freeze the model and train adapters only (0: train every weight); the output is then a PEFT adapter folder", DefaultValueFactory = _ => 0 };
@@ -60,7 +61,7 @@ internal static class TrainCommand
         var quantize = new QuantizeOptions();
         var command = new Command("train", "Train a LLaMA model on a text corpus and save it as a Hugging Face folder")
         {
-            model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, checkpointEvery,
+            model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
             samplePrompt, threads,
         };
@@ -114,6 +115,7 @@ internal static class TrainCommand
                 Quantization = quantize.Read(pr),
                 Checkpointing = pr.GetValue(gradCheckpointing) ?? quantize.Read(pr).Kind == QuantizationKind.Int8
                     ? new Checkpointing(pr.GetValue(checkpointEvery)) : Checkpointing.None,
+                Fp32NormsAndHead = pr.GetValue(fp32NormsAndHead) ?? (quantize.Read(pr).Kind == QuantizationKind.Int8 && pr.GetValue(loraRank) > 0),
                 Loss = pr.GetValue(lossChunk) > 0 ? new LossComputation(true, pr.GetValue(lossChunk)) : LossComputation.Full,
                 Lora = pr.GetValue(loraRank) > 0
                     ? new LoraSettings(pr.GetValue(loraRank), pr.GetValue(loraAlpha) ?? 2.0 * pr.GetValue(loraRank),

@@ -21,6 +21,7 @@ namespace FrugalLM.Precision;
 /// from fp32.</item>
 /// </list>
 /// RMSNorm's reduction, softmax and the loss run in fp32 whatever the mode (the model and the loss see to it).
+/// Modules named in <c>fp32Modules</c> (<see cref="Fp32NormsAndHead"/>) keep their parameters as they are.
 /// </summary>
 public sealed class MixedPrecision : IDisposable
 {
@@ -63,8 +64,12 @@ public sealed class MixedPrecision : IDisposable
     /// <param name="mode">The precision.</param>
     /// <param name="accumulationSteps">Micro-batches per step; above 1, gradients accumulate in fp32 masters.</param>
     /// <param name="scaler">The fp16 loss scaler (default: GradScaler's defaults).</param>
-    public static MixedPrecision Apply(nn.Module model, PrecisionMode mode, int accumulationSteps = 1, LossScaler? scaler = null)
+    /// <param name="fp32Modules">Module paths whose own parameters are left unconverted (and linear layers among them
+    /// unwrapped): the fp32 norms and head of <see cref="Fp32NormsAndHead.Apply"/>.</param>
+    public static MixedPrecision Apply(nn.Module model, PrecisionMode mode, int accumulationSteps = 1, LossScaler? scaler = null,
+        IReadOnlyCollection<string>? fp32Modules = null)
     {
+        var kept = fp32Modules?.ToHashSet() ?? [];
         var compute = mode switch
         {
             PrecisionMode.Fp32 => ScalarType.Float32,
@@ -86,11 +91,11 @@ public sealed class MixedPrecision : IDisposable
         }
         if (compute != ScalarType.Float32)
         {
-            ConvertParameters(model, compute);
+            ConvertParameters(model, compute, kept);
         }
         if (compute != ScalarType.Float32 && Matmul16.Upcasts(compute))
         {
-            foreach (var (path, module) in ModuleTree.Find(model, (_, m) => m is Linear))
+            foreach (var (path, module) in ModuleTree.Find(model, (p, m) => m is Linear && !kept.Contains(p)))
             {
                 ModuleTree.Replace(model, path, new UpcastLinear((Linear)module, compute));
             }
@@ -103,11 +108,15 @@ public sealed class MixedPrecision : IDisposable
     }
 
     // Module.to(dtype) would replace every parameter object at once; this keeps requires_grad per parameter.
-    private static void ConvertParameters(nn.Module model, ScalarType dtype)
+    private static void ConvertParameters(nn.Module model, ScalarType dtype, HashSet<string> kept)
     {
         using var noGrad = no_grad();
         foreach (var (path, module) in model.named_modules().Prepend(("", model)))
         {
+            if (kept.Contains(path))
+            {
+                continue;
+            }
             foreach (var (name, p) in module.named_parameters(recurse: false).ToList())
             {
                 if (p.is_floating_point() && p.dtype != dtype)

@@ -35,6 +35,13 @@ public static class CausalLmLoss
     public static Tensor Chunked(Tensor hidden, Tensor headWeight, Tensor labels, int chunk) =>
         ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[^1]), headWeight, labels.reshape(-1), chunk);
 
+    // fp32 logits of one chunk. A head kept in fp32 (Fp32NormsAndHead) takes widened hidden states, as its
+    // Fp32Linear module does; a 16-bit head computes at its own precision and its logits are widened after.
+    private static Tensor Logits(Tensor hidden, Tensor weight) =>
+        weight.dtype == ScalarType.Float32
+            ? nn.functional.linear(hidden.to(ScalarType.Float32), weight)
+            : Matmul16.Linear(hidden, weight).to(ScalarType.Float32);
+
     private sealed class ChunkedCrossEntropy : autograd.SingleTensorFunction<ChunkedCrossEntropy>
     {
         public override string Name => nameof(ChunkedCrossEntropy);
@@ -53,7 +60,7 @@ public static class CausalLmLoss
             {
                 using var scope = NewDisposeScope();
                 long size = Math.Min(chunk, n - start);
-                var logits = Matmul16.Linear(hidden.narrow(0, start, size), weight).to(ScalarType.Float32);
+                var logits = Logits(hidden.narrow(0, start, size), weight);
                 var loss = nn.functional.cross_entropy(logits, labels.narrow(0, start, size),
                     ignore_index: TrainingBatch.IgnoreLabel, reduction: nn.Reduction.Sum);
                 total.add_(loss);
@@ -88,7 +95,7 @@ public static class CausalLmLoss
                 var h = hidden.narrow(0, start, size);
                 var y = labels.narrow(0, start, size);
                 // d(sum CE)/d logits = softmax - onehot(label) on counted rows, 0 on ignored ones.
-                var logits = Matmul16.Linear(h, weight).to(ScalarType.Float32);
+                var logits = Logits(h, weight);
                 var counted = y.ne(TrainingBatch.IgnoreLabel);
                 var target = y.masked_fill(counted.logical_not(), 0);
                 var dlogits = logits.softmax(-1);

@@ -7,6 +7,9 @@ namespace FrugalLM.Models.Llama;
 /// <summary>
 /// RMSNorm as LLaMA uses it: the mean square is taken in fp32 whatever the input dtype, the normalised
 /// value is cast back to the input dtype, then scaled by the weight (TorchSharp has no RMSNorm module).
+/// A weight kept wider than the input (fp32 norms in a 16-bit model, <see cref="FrugalLM.Precision.Fp32NormsAndHead"/>)
+/// scales the fp32 value and the product is rounded once; the output always has the input's dtype, so the
+/// layers after the norm keep computing at the model's precision.
 /// </summary>
 public sealed class RmsNorm : nn.Module<Tensor, Tensor>
 {
@@ -32,7 +35,11 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var x = input.to(ScalarType.Float32);
         var normalized = x * (x.pow(2).mean([-1L], keepdim: true) + eps).rsqrt();
-        return (weight * normalized.to(input.dtype)).MoveToOuterDisposeScope();
+        // Same dtypes: HF's order (round, then scale). Otherwise type promotion would hand fp32 to the next layer.
+        var scaled = weight.dtype == input.dtype
+            ? weight * normalized.to(input.dtype)
+            : (weight.to(ScalarType.Float32) * normalized).to(input.dtype);
+        return scaled.MoveToOuterDisposeScope();
     }
 }
 

@@ -140,6 +140,7 @@ public sealed class LlamaForCausalLM : CausalLM
     {
         null => model.EmbedTokens.Weight,
         Linear linear when linear.bias is null => linear.weight,
+        Fp32Linear wide when wide.Bias is null => wide.Weight,
         _ => null,
     };
 

@@ -70,6 +70,7 @@ public sealed class OptForCausalLM : CausalLM
     {
         null => Decoder.EmbedTokens.Weight,
         Linear linear when linear.bias is null => linear.weight,
+        Fp32Linear wide when wide.Bias is null => wide.Weight,
         _ => null,
     };
 
