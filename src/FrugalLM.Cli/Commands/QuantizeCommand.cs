@@ -40,7 +40,7 @@ internal static class QuantizeCommand
             using var checkpoint = HfCheckpoint.Open(folder);
             using var llama = checkpoint.CreateModel();
             var quantized = Int8Quantization.Apply(llama, options);
-            var dtype = HfCheckpoint.ParseDtype(checkpoint.Config.TorchDtype);
+            var dtype = HfCheckpoint.ParseDtype(checkpoint.TorchDtype);
             HfCheckpoint.Save(llama, outFolder, dtype, checkpoint.Generation, extraConfig: Int8Checkpoint.ConfigFields(options));
             foreach (var name in Companions)
             {

@@ -56,6 +56,9 @@ public sealed class HfCheckpoint : IDisposable
     /// <exception cref="ModelConfigException">The checkpoint is of another architecture (see <see cref="ModelType"/>).</exception>
     public LlamaConfig Config => llama ?? throw new ModelConfigException($"{Folder}: a {ModelType} checkpoint has no LLaMA configuration");
 
+    /// <summary>The <c>torch_dtype</c> the weights were saved in, whatever the architecture.</summary>
+    public string TorchDtype => Opt?.TorchDtype ?? Config.TorchDtype;
+
     /// <summary>The folder's generation defaults, if it has any.</summary>
     public GenerationConfig? Generation { get; }
 

@@ -1,4 +1,5 @@
 using FrugalLM.Models;
+using FrugalLM.Quantization;
 using TorchSharp;
 using TorchSharp.Modules;
 using TorchSharp.Utils;
@@ -213,29 +214,58 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>
-    /// Adds the active adapter's B·A·scale to the base weight, so the forward pass runs the base alone.
-    /// Nothing happens when no adapter is active here, adapters are disabled, or one is already merged.
+    /// Adds the active adapter's B·A·scale to the base weight, so the forward pass runs the base alone. A float
+    /// <see cref="Linear"/> takes the sum in its own dtype; an <see cref="Int8Linear"/> base is dequantized,
+    /// summed in float32 and requantized (<see cref="Int8Linear.AddToWeight"/>), which changes the weight by a
+    /// rounding error and cannot be unmerged. Nothing happens when no adapter is active here, adapters are
+    /// disabled, or one is already merged.
     /// </summary>
-    /// <exception cref="NotSupportedException">The base is not a float <see cref="Linear"/> (a quantized layer cannot take the sum exactly).</exception>
-    public void Merge()
+    /// <returns>
+    /// For an int8 base, the relative error the requantization introduced (see <see cref="RequantizedLayer"/>);
+    /// null when nothing was requantized (a float base, or nothing merged).
+    /// </returns>
+    /// <exception cref="NotSupportedException">The base is neither a float <see cref="Linear"/> nor an <see cref="Int8Linear"/>.</exception>
+    public double? Merge()
     {
         if (MergedAdapter is not null || !enabled || ActiveAdapter is null || !adapters.ContainsKey(ActiveAdapter))
         {
-            return;
+            return null;
+        }
+        if (baseLayer is Int8Linear int8)
+        {
+            double error;
+            using (var delta = DeltaWeight(ActiveAdapter))
+            {
+                error = int8.AddToWeight(delta);
+            }
+            MergedAdapter = ActiveAdapter;
+            return error;
         }
         var weight = FloatWeight();
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         weight.add_(DeltaWeight(ActiveAdapter));
         MergedAdapter = ActiveAdapter;
+        return null;
     }
 
+    /// <summary>True when an adapter is merged into a base that cannot take it out again exactly (int8).</summary>
+    public bool MergedIrreversibly => MergedAdapter is not null && baseLayer is Int8Linear;
+
     /// <summary>Subtracts the merged adapter's B·A·scale from the base weight again (nothing happens when none is merged).</summary>
+    /// <exception cref="NotSupportedException">
+    /// The adapter was merged into an int8 base: requantizing kept nothing of the original int8 weight, and
+    /// subtracting and requantizing again would not give it back (reload the base instead). The layer stays merged.
+    /// </exception>
     public void Unmerge()
     {
         if (MergedAdapter is null)
         {
             return;
+        }
+        if (MergedIrreversibly)
+        {
+            throw new NotSupportedException(IrreversibleMessage(MergedAdapter));
         }
         var weight = FloatWeight();
         using var scope = NewDisposeScope();
@@ -243,6 +273,10 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         weight.sub_(DeltaWeight(MergedAdapter));
         MergedAdapter = null;
     }
+
+    internal static string IrreversibleMessage(string adapter) =>
+        $"adapter '{adapter}' is merged into an int8 base (Int8Linear), which was requantized and cannot be unmerged " +
+        "exactly (the original int8 weight is gone): reload the base model to get it back";
 
     /// <inheritdoc />
     public override Tensor forward(Tensor x)
@@ -265,7 +299,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     {
         Linear linear when linear.weight.is_floating_point() => linear.weight,
         _ => throw new NotSupportedException(
-            $"cannot merge a LoRA adapter into a {baseLayer.GetType().Name} base: merging needs a float Linear weight; " +
+            $"cannot merge a LoRA adapter into a {baseLayer.GetType().Name} base: merging needs a float Linear weight or an Int8Linear; " +
             "keep the adapter unmerged (it works the same), or dequantize the base to a float Linear first"),
     };
 

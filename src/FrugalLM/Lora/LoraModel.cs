@@ -1,5 +1,6 @@
 using System.Globalization;
 using FrugalLM.Models;
+using FrugalLM.Quantization;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -95,9 +96,14 @@ public sealed class LoraModel
     /// Makes <paramref name="adapter"/> the one the forward pass adds (and the only one that trains; a merged
     /// adapter is unmerged first). Layers without it run as their base.
     /// </summary>
+    /// <exception cref="NotSupportedException">Another adapter is merged into an int8 base (see <see cref="Merge"/>).</exception>
     public void SetActive(string adapter)
     {
         LayersOf(adapter);
+        if (adapter != ActiveAdapter)
+        {
+            RequireReversibleMerge($"switch to adapter '{adapter}'");
+        }
         foreach (var (_, layer) in Layers)
         {
             layer.SetActive(adapter);
@@ -106,8 +112,10 @@ public sealed class LoraModel
     }
 
     /// <summary>Runs the model as its base alone (unmerging first, if merged), e.g. to compare before/after.</summary>
+    /// <exception cref="NotSupportedException">The adapter is merged into an int8 base (see <see cref="Merge"/>).</exception>
     public void Disable()
     {
+        RequireReversibleMerge("disable the adapters");
         foreach (var (_, layer) in Layers)
         {
             layer.Enabled = false;
@@ -130,8 +138,13 @@ public sealed class LoraModel
     /// Removes adapter <paramref name="adapter"/> and frees its weights; layers left without adapters are
     /// unwrapped (their base goes back in place). If it was active, no adapter is active afterwards.
     /// </summary>
+    /// <exception cref="NotSupportedException">It is merged into an int8 base (see <see cref="Merge"/>).</exception>
     public void RemoveAdapter(string adapter)
     {
+        if (adapter == ActiveAdapter)
+        {
+            RequireReversibleMerge($"remove adapter '{adapter}'");
+        }
         foreach (var (path, layer) in LayersOf(adapter))
         {
             layer.RemoveAdapter(adapter);
@@ -151,12 +164,15 @@ public sealed class LoraModel
     }
 
     /// <summary>
-    /// Merges the active adapter into the base weights (W += B·A·scale) so generation runs at base speed;
-    /// <see cref="Unmerge"/> restores W to within fp32 rounding.
+    /// Merges the active adapter into the base weights (W += B·A·scale) so generation runs at base speed. A
+    /// float base takes the sum exactly and <see cref="Unmerge"/> restores W to within fp32 rounding. An int8
+    /// base (<see cref="Int8Linear"/>) is dequantized, summed in fp32 and requantized per row: the result
+    /// differs from the exact sum by int8 rounding, reported per layer, and cannot be unmerged.
     /// </summary>
+    /// <returns>The layers merged and the requantization error of each int8 one.</returns>
     /// <exception cref="InvalidOperationException">No adapter is active, or adapters are disabled.</exception>
-    /// <exception cref="NotSupportedException">A wrapped base is not a float linear (e.g. int8).</exception>
-    public void Merge()
+    /// <exception cref="NotSupportedException">A wrapped base is neither a float linear nor an <see cref="Int8Linear"/>.</exception>
+    public LoraMergeReport Merge()
     {
         var active = ActiveAdapter ?? throw new InvalidOperationException("no LoRA adapter is active: nothing to merge");
         if (!Enabled)
@@ -166,20 +182,33 @@ public sealed class LoraModel
         var layers = LayersOf(active);
         foreach (var (path, layer) in layers)
         {
-            if (layer.BaseLayer is not Linear)
+            if (layer.BaseLayer is not (Linear or Int8Linear))
             {
-                throw new NotSupportedException($"cannot merge adapter '{active}' into '{path}': its base is a {layer.BaseLayer.GetType().Name}, not a float Linear; keep the adapter unmerged, or dequantize the base first");
+                throw new NotSupportedException($"cannot merge adapter '{active}' into '{path}': its base is a {layer.BaseLayer.GetType().Name}, neither a float Linear nor an Int8Linear; keep the adapter unmerged, or dequantize the base first");
             }
         }
-        foreach (var (_, layer) in layers)
+        int merged = 0;
+        var requantized = new List<RequantizedLayer>();
+        foreach (var (path, layer) in layers)
         {
-            layer.Merge();
+            if (layer.MergedAdapter is not null)
+            {
+                continue;
+            }
+            if (layer.Merge() is { } error)
+            {
+                requantized.Add(new RequantizedLayer(path, error));
+            }
+            merged += layer.MergedAdapter is null ? 0 : 1;
         }
+        return new LoraMergeReport(active, merged, requantized);
     }
 
     /// <summary>Subtracts a merged adapter from the base weights again.</summary>
+    /// <exception cref="NotSupportedException">It was merged into an int8 base (see <see cref="Merge"/>); nothing is changed.</exception>
     public void Unmerge()
     {
+        RequireReversibleMerge("unmerge");
         foreach (var (_, layer) in Layers)
         {
             layer.Unmerge();
@@ -189,18 +218,21 @@ public sealed class LoraModel
     /// <summary>
     /// Merges the active adapter into the base weights and removes every adapter, leaving a plain model whose
     /// parameter names are the base's HF keys again (what <c>frugal merge</c> saves). Base parameters stay
-    /// frozen, as after PEFT's <c>merge_and_unload</c>.
+    /// frozen, as after PEFT's <c>merge_and_unload</c>. An int8 base stays int8 (requantized, see <see cref="Merge"/>).
     /// </summary>
-    public void MergeAndUnload()
+    /// <returns>What <see cref="Merge"/> reported.</returns>
+    public LoraMergeReport MergeAndUnload()
     {
-        Merge();
+        var report = Merge();
         foreach (var (path, layer) in Layers)
         {
             Unwrap(path, layer);
         }
+        return report;
     }
 
     /// <summary>Removes every adapter without merging (unmerging first), restoring the base model.</summary>
+    /// <exception cref="NotSupportedException">The adapter is merged into an int8 base (see <see cref="Merge"/>).</exception>
     public void Unload()
     {
         Unmerge();
@@ -255,6 +287,17 @@ public sealed class LoraModel
     }
 
     internal static bool IsBias(string name) => name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
+
+    // A merge into an int8 base cannot be undone; operations that would unmerge check every layer first, so
+    // none of them fails halfway with some layers unmerged and others not.
+    private void RequireReversibleMerge(string action)
+    {
+        var (path, layer) = Layers.FirstOrDefault(l => l.Layer.MergedIrreversibly);
+        if (layer is not null)
+        {
+            throw new NotSupportedException($"cannot {action} at '{path}': {LoraLinear.IrreversibleMessage(layer.MergedAdapter!)}");
+        }
+    }
 
     private void Unwrap(string path, LoraLinear layer) => ModuleTree.Replace(Model, path, layer.Release());
 

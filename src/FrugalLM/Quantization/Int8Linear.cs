@@ -123,6 +123,38 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
         Scb.copy_(scb);
     }
 
+    /// <summary>
+    /// W ← quantize(dequantize(W) + <paramref name="delta"/>): adds a float update [out, in] (a merged LoRA
+    /// adapter's B·A·scale) to this layer's weight in float32 and requantizes the sum row-wise exactly as
+    /// <see cref="FromLinear"/> does, replacing <see cref="Weight"/> and <see cref="Scb"/> in place. The int8
+    /// format cannot hold the sum exactly and keeps nothing of the old weight, so the change cannot be undone
+    /// exactly; the error it introduced is returned.
+    /// </summary>
+    /// <param name="delta">The update [out, in], any floating dtype (added in float32).</param>
+    /// <returns>
+    /// The requantization's relative Frobenius error ||dequantize(new) − (W + delta)|| / ||W + delta||, with W
+    /// the dequantized weight before the call (0 when the sum is all zeros).
+    /// </returns>
+    public double AddToWeight(Tensor delta)
+    {
+        ArgumentNullException.ThrowIfNull(delta);
+        if (!delta.shape.SequenceEqual(Weight.shape) || !delta.is_floating_point())
+        {
+            throw new ArgumentException($"the update must be a floating-point [{string.Join(", ", Weight.shape)}] tensor, got {delta.dtype} [{string.Join(", ", delta.shape)}]", nameof(delta));
+        }
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var sum = DequantizedWeight(ScalarType.Float32).add_(delta.to(ScalarType.Float32, Weight.device));
+        var (cb, scb) = QuantizeRows(sum);
+        Weight.copy_(cb);
+        Scb.copy_(scb);
+        // The two operands lie within half a quantization step (~1/254 of the row's absmax) of each other, so
+        // their float32 difference is accurate to ~1e-5 of itself: no float64 copy of the layer is needed.
+        double norm = sum.norm().item<float>();
+        double error = DequantizedWeight(ScalarType.Float32).sub_(sum).norm().item<float>();
+        return norm > 0 ? error / norm : 0;
+    }
+
     // Row-wise absmax quantization (bitsandbytes' CB and SCB): CB = round(W * 127 / absmax(row)).
     private static (Tensor Cb, Tensor Scb) QuantizeRows(Tensor weight)
     {

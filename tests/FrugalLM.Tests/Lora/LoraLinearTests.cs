@@ -1,4 +1,5 @@
 using FrugalLM.Lora;
+using FrugalLM.Quantization;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -6,9 +7,9 @@ using static TorchSharp.torch;
 namespace FrugalLM.Tests.Lora;
 
 /// <summary>One wrapped layer: its forward against a float64 recomputation, initialization, scaling, merging.</summary>
-public sealed class LoraLinearTests
+public sealed class LoraLinearTests(Xunit.Abstractions.ITestOutputHelper output)
 {
-    public LoraLinearTests() => TestSupport.Init();
+    static LoraLinearTests() => TestSupport.Init();
 
     private static (Linear Base, LoraLinear Layer) Wrapped(long inFeatures, long outFeatures, int rank, double alpha, bool rsLora, ScalarType dtype = ScalarType.Float32, long seed = 1)
     {
@@ -145,8 +146,9 @@ public sealed class LoraLinearTests
     }
 
     [Fact]
-    public void WrapsAnInt8BaseButRefusesToMergeIntoIt()
+    public void WrapsAnotherQuantizedBaseButRefusesToMergeIntoIt()
     {
+        // Only float Linear and Int8Linear bases know how to take a sum; any other ILinearLayer is refused.
         var stub = new Int8LinearStub(randn(24, 32));
         var layer = new LoraLinear(stub);
         layer.AddAdapter("default", 4, 8, 0, false, new Generator(2));
@@ -160,9 +162,109 @@ public sealed class LoraLinearTests
         using var expected = x.matmul(stub.DequantizedWeight(ScalarType.Float32).t())
             + x.matmul(layer.LoraA("default").t()).matmul(layer.LoraB("default").t()) * 2;
         Assert.True(TensorAssert.RelativeError(layer.forward(x), expected) < 1e-6);
-        var error = Assert.Throws<NotSupportedException>(layer.Merge);
+        var error = Assert.Throws<NotSupportedException>(() => layer.Merge());
         Assert.Contains("Int8LinearStub", error.Message);
         Assert.Contains("unmerged", error.Message);
+        Assert.Null(layer.MergedAdapter);
+    }
+
+    // An Int8Linear quantized from a random float layer (with bias), wrapped, with a random non-zero adapter:
+    // A from PEFT's initialization (uniform in ±1/√in), B N(0, 0.3²), scale alpha / r = 2. The update is about
+    // half the size of W, far above the int8 rounding.
+    private static (Int8Linear Base, LoraLinear Layer) WrappedInt8(long inFeatures, long outFeatures, int rank, long seed)
+    {
+        var generator = new Generator((ulong)seed);
+        using var linear = nn.Linear(
+            new Parameter(randn([outFeatures, inFeatures], generator: generator).mul_(0.2)),
+            new Parameter(randn([outFeatures], generator: generator).mul_(0.1)));
+        var int8 = Int8Linear.FromLinear(linear);
+        var layer = new LoraLinear(int8);
+        layer.AddAdapter("default", rank, 2.0 * rank, dropout: 0, useRsLora: false, generator);
+        using (no_grad())
+        {
+            layer.LoraB("default").copy_(randn([outFeatures, rank], generator: generator) * 0.3);
+        }
+        layer.SetActive("default");
+        layer.eval();
+        return (int8, layer);
+    }
+
+    private static Tensor Dequantized64(Int8Linear layer) =>
+        layer.Weight.to(ScalarType.Float64) * (layer.Scb.to(ScalarType.Float64) / 127).unsqueeze(1);
+
+    [Fact]
+    public void MergingIntoAnInt8BaseRequantizesTheSumAndReportsItsError()
+    {
+        var (int8, layer) = WrappedInt8(96, 80, rank: 8, seed: 11);
+        using var noGrad = no_grad();
+        // The float64 reference of the merged layer: W' = W_float + scale·B·A with W_float = weight·SCB/127.
+        using var before = Dequantized64(int8);
+        using var delta = layer.LoraB("default").to(ScalarType.Float64).matmul(layer.LoraA("default").to(ScalarType.Float64)) * 2.0;
+        using var merged64 = before + delta;
+        using var bias = int8.Bias!.detach().to(ScalarType.Float64);
+        using var x = randn([4, 7, 96], generator: new Generator(12));
+        using var x64 = x.to(ScalarType.Float64);
+        using var reference = x64.matmul(merged64.t()) + bias;
+
+        double reported = layer.Merge() ?? throw new Xunit.Sdk.XunitException("an int8 merge must report its error");
+        Assert.Equal("default", layer.MergedAdapter);
+        Assert.Equal(ScalarType.Int8, int8.Weight.dtype);
+
+        // The weight: every element is within half a step (SCB'/254) of W', SCB' being W''s row absmax, so
+        // the error is a rounding error, and the reported error is this error measured in float32.
+        using var after = Dequantized64(int8);
+        using var rowAbsMax = merged64.abs().amax([1L]);
+        Assert.True(TensorAssert.RelativeError(int8.Scb, rowAbsMax) < 1e-6);
+        using var halfStep = (rowAbsMax / 254).unsqueeze(1);
+        double worst = ((after - merged64).abs() / halfStep).max().item<double>();
+        Assert.True(worst <= 1 + 1e-4, $"an element moved {worst:F4} half-steps");
+        double measured = TensorAssert.RelativeError(after, merged64);
+        Assert.True(Math.Abs(measured - reported) <= 1e-3 * measured, $"reported {reported:E4}, measured in float64 {measured:E4}");
+        // Uniform rounding of ±half a step gives step/√12 per element: for Gaussian rows of 96 (absmax ≈ 2.5σ),
+        // ~2.5/(127·√12) ≈ 6e-3 of the weight's size. It is > 0 and well under 1e-2.
+        Assert.InRange(reported, 1e-3, 1e-2);
+
+        // The output. With the weight alone in error, x·(dequant W'' − W')ᵀ is as large relative to x·W'ᵀ as the
+        // weight error is relative to W' (x is isotropic): the reported number is what the output sees.
+        using var weightOnly = x64.matmul(after.t()) + bias;
+        double outputFromWeight = TensorAssert.RelativeError(weightOnly, reference);
+        Assert.InRange(outputFromWeight / reported, 0.75, 1.33);
+        // The merged layer's forward also rounds each token to int8 (error e_x, measured on the same x); the two
+        // independent roundings add at most e_w + e_x to first order.
+        using var y = layer.forward(x);
+        using var activations = int8.QuantizeActivations(x);
+        using var xq = activations.Values.to(ScalarType.Float64) * (activations.AbsMax.to(ScalarType.Float64) / 127).unsqueeze(1);
+        double activationError = TensorAssert.RelativeError(xq, x64.reshape(-1, 96));
+        double error = TensorAssert.RelativeError(y, reference);
+        Assert.True(error <= reported + activationError, $"forward error {error:E3}, weight {reported:E3} + activations {activationError:E3}");
+        // The adapter's contribution is far above that tolerance, so the comparison sees the merge.
+        using var baseOnly = x64.matmul(before.t()) + bias;
+        Assert.True(TensorAssert.RelativeError(baseOnly, reference) > 20 * (reported + activationError));
+        output.WriteLine($"int8 merge: reported {reported:E3}, measured {measured:E3}, output from weight {outputFromWeight:E3}, activations {activationError:E3}, forward {error:E3}");
+    }
+
+    [Fact]
+    public void UnmergingAnInt8BaseIsRefusedAndLeavesTheMergedWeight()
+    {
+        var (int8, layer) = WrappedInt8(40, 32, rank: 4, seed: 21);
+        Assert.NotNull(layer.Merge());
+        Assert.True(layer.MergedIrreversibly);
+        using var weight = int8.Weight.clone();
+        using var scb = int8.Scb.clone();
+        var error = Assert.Throws<NotSupportedException>(layer.Unmerge);
+        Assert.Contains("int8", error.Message);
+        Assert.Contains("reload the base", error.Message);
+        // Every path that would unmerge refuses the same way and changes nothing.
+        Assert.Throws<NotSupportedException>(() => layer.Enabled = false);
+        Assert.Throws<NotSupportedException>(() => layer.SetActive(null));
+        Assert.Throws<NotSupportedException>(() => layer.RemoveAdapter("default"));
+        Assert.Equal("default", layer.MergedAdapter);
+        Assert.True(layer.Enabled);
+        Assert.True(int8.Weight.Same(weight));
+        Assert.True(int8.Scb.Same(scb));
+        // Merging again is the usual no-op.
+        Assert.Null(layer.Merge());
+        Assert.True(int8.Weight.Same(weight));
     }
 
     [Fact]

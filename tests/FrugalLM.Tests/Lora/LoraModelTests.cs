@@ -1,5 +1,7 @@
 using FrugalLM.Lora;
+using FrugalLM.Models;
 using FrugalLM.Models.Llama;
+using FrugalLM.Quantization;
 using FrugalLM.Training;
 using TorchSharp;
 using static FrugalLM.Tests.Lora.LoraTestSupport;
@@ -177,6 +179,48 @@ public sealed class LoraModelTests
         Assert.Empty(lora.Adapters);
         Assert.DoesNotContain(model.named_parameters(), p => p.name.Contains("lora_") || p.name.Contains("base_layer"));
         Assert.True(TensorAssert.RelativeError(Logits(model, ids), unmerged) < 1e-5);
+    }
+
+    [Fact]
+    public void MergeIntoAnInt8ModelReportsEveryLayerAndCannotBeUndone()
+    {
+        using var model = Model();
+        var quantized = Int8Quantization.Apply(model);
+        using var ids = Ids(4);
+        using var baseLogits = Logits(model, ids);
+        var lora = LoraModel.Apply(model, new LoraConfig { Rank = 4, Alpha = 8, Targets = LoraTargets.Parse("q_proj,v_proj,lm_head") }, seed: 8);
+        RandomizeB(lora, "default", 9);
+        using var unmerged = Logits(model, ids);
+        var report = lora.Merge();
+        Assert.Equal("default", report.Adapter);
+        Assert.Equal(5, report.Layers);
+        // lm_head stays a float Linear under int8 quantization: it takes the sum exactly and is not listed.
+        Assert.Equal(lora.Layers.Where(l => quantized.Contains(l.Path)).Select(l => l.Path), report.Requantized.Select(r => r.Path));
+        Assert.Equal(4, report.Requantized.Count);
+        Assert.All(report.Requantized, r => Assert.InRange(r.RelativeError, 1e-4, 1e-2));
+        Assert.Equal(report.Requantized.Max(r => r.RelativeError), report.MaxRelativeError);
+        // Each of the 4 requantized layers moves its output by about e_w + e_x ≈ 2·e_w relative: its weight's
+        // rounding, and the int8 rounding of the activations, which the unmerged adapter path (float) did not
+        // have (e_x ≈ e_w for Gaussian rows, see LoraLinearTests). To first order the moves add along the
+        // residual stream: 4 · 2 · max e_w (measured: 2.5e-2 against 5.0e-2), far less than the adapter moved them.
+        using var merged = Logits(model, ids);
+        double error = TensorAssert.RelativeError(merged, unmerged);
+        Assert.True(error < 8 * report.MaxRelativeError, $"merged vs unmerged logits {error:E2}, max requantization error {report.MaxRelativeError:E2}");
+        Assert.True(TensorAssert.RelativeError(baseLogits, unmerged) > 10 * error);
+        // Undoing it is refused before anything changes.
+        Assert.Throws<NotSupportedException>(lora.Unmerge);
+        Assert.Throws<NotSupportedException>(lora.Disable);
+        Assert.Throws<NotSupportedException>(lora.Unload);
+        Assert.Throws<NotSupportedException>(() => lora.RemoveAdapter("default"));
+        Assert.True(lora.Merged);
+        Assert.True(lora.Layers.All(l => l.Layer.MergedAdapter == "default"));
+        Assert.True(Logits(model, ids).Same(merged));
+        // Unloading after the merge keeps the requantized int8 layers under their HF names.
+        var again = lora.MergeAndUnload();
+        Assert.Equal(0, again.Layers);
+        Assert.Empty(lora.Adapters);
+        Assert.IsType<Int8Linear>(ModuleTree.Get(model, "model.layers.0.self_attn.q_proj"));
+        Assert.True(Logits(model, ids).Same(merged));
     }
 
     [Fact]
