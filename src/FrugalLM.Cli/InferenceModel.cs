@@ -42,7 +42,7 @@ internal sealed class InferenceModel : IDisposable
     /// <param name="batch">Sequences processed together.</param>
     /// <param name="sequence">Tokens per sequence, from the tokenizer (prompt plus new tokens, or the eval length).</param>
     /// <param name="quantization">Base weights' quantization (a folder saved 8-bit is int8 whatever this says).</param>
-    public static InferenceModel Open(string folder, string? adapter, Planning.Precision precision, int batch, Func<HfTokenizer, LlamaConfig, int> sequence,
+    public static InferenceModel Open(string folder, string? adapter, Planning.Precision precision, int batch, Func<HfTokenizer, int> sequence,
         Planning.Quantization? quantization = null)
     {
         if (precision == Planning.Precision.Bf16Pure)
@@ -54,9 +54,10 @@ internal sealed class InferenceModel : IDisposable
         try
         {
             var adapterInfo = adapter is null ? null : LoraAdapter.ReadConfig(adapter);
+            var spec = checkpoint.Spec();
             var plan = new RunPlan
             {
-                Model = ModelSpec.FromLlama(checkpoint.Config, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder))),
+                Model = spec,
                 Mode = RunMode.Generate,
                 Precision = precision,
                 Quantization = Int8Checkpoint.Options(checkpoint) is { } saved
@@ -67,7 +68,7 @@ internal sealed class InferenceModel : IDisposable
                     // Names map one to one; a regex is estimated as every linear layer (an upper bound).
                     adapterInfo.Config.Targets.Kind == LoraTargetKind.Names ? adapterInfo.Config.Targets.Names : [LoraSettings.AllLinear], 0),
                 MicroBatchSize = batch,
-                SequenceLength = Math.Min(checkpoint.Config.MaxPositionEmbeddings, sequence(tokenizer, checkpoint.Config)),
+                SequenceLength = Math.Min(spec.MaxPositionEmbeddings, sequence(tokenizer)),
                 Device = ComputeDevice.Cpu,
             };
             var report = MemoryReport.Predict(plan);

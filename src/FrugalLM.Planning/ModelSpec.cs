@@ -151,6 +151,9 @@ public sealed record ModelSpec
     /// <summary>The LLaMA configuration this spec came from (what the runtime builds), or null for other families.</summary>
     public LlamaConfig? Llama { get; init; }
 
+    /// <summary>The OPT configuration this spec came from (what the runtime builds), or null for other families.</summary>
+    public OptConfig? Opt { get; init; }
+
     /// <summary>Query width: heads x head_dim.</summary>
     public int AttentionDim => NumAttentionHeads * HeadDim;
 
@@ -293,6 +296,7 @@ public sealed record ModelSpec
                 new("q_proj", h, h, b), new("k_proj", h, h, b), new("v_proj", h, h, b), new("out_proj", h, h, b),
                 new("fc1", h, f, b), new("fc2", f, h, b),
             ],
+            Opt = config,
         };
     }
 

@@ -11,7 +11,7 @@ public sealed class PlanException(string message) : Exception(message);
 /// </summary>
 public sealed record RunPlan
 {
-    /// <summary>The model's architecture. <see cref="ModelSpec.Llama"/> holds the LLaMA configuration the runtime builds.</summary>
+    /// <summary>The model's architecture. <see cref="ModelSpec.Llama"/> or <see cref="ModelSpec.Opt"/> holds the configuration the runtime builds.</summary>
     public required ModelSpec Model { get; init; }
 
     /// <summary>Train or generate.</summary>

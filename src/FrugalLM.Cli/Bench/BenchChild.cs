@@ -22,7 +22,7 @@ internal static class BenchChild
     {
         TorchRuntime.Initialize(c.Threads);
         using var checkpoint = HfCheckpoint.Open(c.Weights);
-        var plan = c.Plan(ModelSpec.FromLlama(checkpoint.Config, c.Model));
+        var plan = c.Plan(checkpoint.Spec(c.Model));
         plan.Validate();
         return c.Mode == "train" ? Train(c, checkpoint, plan) : Generate(c, checkpoint, plan);
     }
@@ -31,7 +31,7 @@ internal static class BenchChild
     {
         int steps = c.Warmup + c.Steps;
         var random = new Random(c.Seed);
-        int vocab = checkpoint.Config.VocabSize;
+        int vocab = plan.Model.VocabSize;
         // Enough blocks for every step even after the corpus holds out one block in fifty.
         int blocks = steps * c.Batch * 51 / 50 + 2;
         var tokens = new int[blocks * (c.Seq + 1)];
@@ -94,7 +94,7 @@ internal static class BenchChild
     private static (BenchMeasurement, MemoryEstimate) Generate(BenchCase c, HfCheckpoint checkpoint, RunPlan plan)
     {
         var random = new Random(c.Seed);
-        var prompt = Enumerable.Range(0, c.PromptTokens).Select(_ => random.Next(checkpoint.Config.VocabSize)).ToArray();
+        var prompt = Enumerable.Range(0, c.PromptTokens).Select(_ => random.Next(plan.Model.VocabSize)).ToArray();
         var report = MemoryReport.Predict(plan);
         long baseline = report.Plan.Overhead.RuntimeBaselineBytes;
         MemoryProbe.ResetPeak();

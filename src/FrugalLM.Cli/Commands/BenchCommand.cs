@@ -6,7 +6,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using FrugalLM.Cli.Bench;
 using FrugalLM.IO;
-using FrugalLM.Models.Llama;
+using FrugalLM.Models;
 using FrugalLM.Native;
 using FrugalLM.Planning;
 
@@ -229,10 +229,10 @@ internal static class BenchCommand
         }
         CliRunner.Status($"bench: writing random weights for {model.Name} (seed 0) to {folder}");
         TorchRuntime.Initialize();
-        using (var llama = new LlamaForCausalLM(LlamaConfig.Load(model.Config)))
+        using (var lm = CausalLM.Create(ModelSpec.Load(model.Config)))
         {
-            llama.InitializeWeights(seed: 0);
-            HfCheckpoint.Save(llama, folder, TorchSharp.torch.ScalarType.Float32);
+            lm.InitializeWeights(seed: 0);
+            HfCheckpoint.Save(lm, folder, TorchSharp.torch.ScalarType.Float32);
         }
         AtomicFile.Write(stamp, s => s.Write(Encoding.UTF8.GetBytes(source)));
         return folder;

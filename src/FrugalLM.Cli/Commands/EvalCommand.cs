@@ -41,7 +41,7 @@ internal static class EvalCommand
             TorchRuntime.Initialize(pr.GetValue(threads));
             int sequence = pr.GetValue(seq);
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!),
-                pr.GetValue(batch), (_, _) => sequence, quantize.Read(pr));
+                pr.GetValue(batch), _ => sequence, quantize.Read(pr));
             var tokenizer = loaded.Tokenizer;
             int eos = tokenizer.EosTokenIds.Count > 0 ? tokenizer.EosTokenIds[0] : throw new ArgumentException("the tokenizer defines no EOS token");
             var corpus = TrainingData.Load(pr.GetValue(data)!, t => tokenizer.Encode(t, addBos: false), eos, tokenizer.PadTokenId ?? eos, sequence);

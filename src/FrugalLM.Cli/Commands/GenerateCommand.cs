@@ -43,7 +43,7 @@ internal static class GenerateCommand
             TorchRuntime.Initialize(pr.GetValue(threads));
             var text = pr.GetValue(prompt) ?? "";
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!), 1,
-                (tokenizer, _) => Math.Max(1, tokenizer.Encode(text, addBos: tokenizer.AddBosToken).Count) + Math.Max(0, pr.GetValue(maxNew)),
+                tokenizer => Math.Max(1, tokenizer.Encode(text, addBos: tokenizer.AddBosToken).Count) + Math.Max(0, pr.GetValue(maxNew)),
                 quantize.Read(pr));
             var llama = loaded.Model;
             var tokenizer = loaded.Tokenizer;

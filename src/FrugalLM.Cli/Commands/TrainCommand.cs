@@ -4,7 +4,6 @@ using FrugalLM.Inference;
 using FrugalLM.Lora;
 using FrugalLM.IO;
 using FrugalLM.Models;
-using FrugalLM.Models.Llama;
 using FrugalLM.Native;
 using FrugalLM.Planning;
 using FrugalLM.Tokenization;
@@ -59,7 +58,7 @@ internal static class TrainCommand
         var samplePrompt = new Option<string?>("--sample-prompt") { Description = "Print a sample continuation of this prompt before and after training" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
         var quantize = new QuantizeOptions();
-        var command = new Command("train", "Train a LLaMA model on a text corpus and save it as a Hugging Face folder")
+        var command = new Command("train", "Train a LLaMA or OPT model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
@@ -96,19 +95,15 @@ internal static class TrainCommand
             // The architecture first (headers only), then the data, then the runtime baseline, and only then the
             // weights: the baseline is everything the run holds besides the model.
             using var checkpoint = modelFolder is null ? null : HfCheckpoint.Open(modelFolder);
-            var architecture = checkpoint?.Config ?? LlamaConfig.Load(configFile!) with
-            {
-                BosTokenId = tokenizer.BosTokenId,
-                EosTokenIds = tokenizer.EosTokenIds,
-                PadTokenId = tokenizer.PadTokenId,
-            };
+            var name = Path.GetFileName(Path.TrimEndingDirectorySeparator(outFolder));
+            var architecture = checkpoint?.Spec(name) ?? FreshSpec(configFile!, name, tokenizer);
             if (architecture.VocabSize < tokenizer.VocabSize)
             {
                 throw new ArgumentException($"the model's vocab_size ({architecture.VocabSize}) is smaller than the tokenizer's ({tokenizer.VocabSize})");
             }
             var plan = new RunPlan
             {
-                Model = ModelSpec.FromLlama(architecture, Path.GetFileName(Path.TrimEndingDirectorySeparator(outFolder))),
+                Model = architecture,
                 Mode = RunMode.Train,
                 Precision = PlanNames.ParsePrecision(pr.GetValue(precision)!),
                 Optimizer = PlanNames.ParseOptimizer(pr.GetValue(optimizer)!),
@@ -142,20 +137,20 @@ internal static class TrainCommand
             var report = MemoryReport.Predict(plan);
             CliRunner.Status(report.PredictionLine());
 
-            using var llama = checkpoint?.CreateModel(quantize: plan.Quantization.Kind == QuantizationKind.Int8
+            using var lm = checkpoint?.CreateModel(quantize: plan.Quantization.Kind == QuantizationKind.Int8
                 ? new Quantization.Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
-                : null) ?? new LlamaForCausalLM(architecture);
+                : null) ?? CausalLM.Create(architecture);
             if (checkpoint is null)
             {
-                llama.InitializeWeights(pr.GetValue(seed));
+                lm.InitializeWeights(pr.GetValue(seed));
             }
             var generation = checkpoint?.Generation ?? DefaultGeneration(tokenizer);
             var prompt = pr.GetValue(samplePrompt);
             if (prompt is not null)
             {
-                Sample("before", llama, tokenizer, prompt);
+                Sample("before", lm, tokenizer, prompt);
             }
-            using var applied = Techniques.Apply(llama, plan, pr.GetValue(seed));
+            using var applied = Techniques.Apply(lm, plan, pr.GetValue(seed));
             var mixed = applied.Precision;
             if (applied.Lora is { } adapters)
             {
@@ -180,7 +175,7 @@ internal static class TrainCommand
                 CheckpointEvery = pr.GetValue(stateEvery),
                 CheckpointFolder = Path.Combine(outFolder, "checkpoints"),
             };
-            var trainer = new Trainer(llama, corpus, options, mixed);
+            var trainer = new Trainer(lm, corpus, options, mixed);
             if (pr.GetValue(resume))
             {
                 var latest = TrainingCheckpoint.Latest(options.CheckpointFolder!)
@@ -192,11 +187,11 @@ internal static class TrainCommand
             // A LoRA run saves the adapter (PEFT layout) beside the tokenizer; a full run saves the whole model.
             Action<int> save = applied.Lora is { } lora
                 ? _ => LoraAdapter.Save(lora, outFolder, baseModelNameOrPath: Path.GetFullPath(modelFolder!), sources: mixed.Masters)
-                : _ => HfCheckpoint.Save(llama, outFolder, savedAs, generation, sources: mixed.Masters);
+                : _ => HfCheckpoint.Save(lm, outFolder, savedAs, generation, sources: mixed.Masters);
             var result = RunWithProgress(trainer, options, save, outFolder, pr.GetValue(resume));
             if (prompt is not null)
             {
-                Sample("after", llama, tokenizer, prompt);
+                Sample("after", lm, tokenizer, prompt);
             }
             CliRunner.Status(report.ComparisonLine(result.PeakBytes));
             CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
@@ -273,6 +268,23 @@ internal static class TrainCommand
         var result = new TextGenerator(model, tokenizer).Generate(prompt, options);
         Console.Out.WriteLine($"sample {label}: {prompt}{result.Text.ReplaceLineEndings(" ")}");
         model.train();
+    }
+
+    // A model from scratch takes the tokenizer's special tokens, so its saved config agrees with its data.
+    private static ModelSpec FreshSpec(string configFile, string name, HfTokenizer tokenizer)
+    {
+        int? eos = tokenizer.EosTokenIds.Count > 0 ? tokenizer.EosTokenIds[0] : null;
+        return ModelSpec.Load(configFile) switch
+        {
+            { Opt: { } opt } => ModelSpec.FromOpt(opt with { BosTokenId = tokenizer.BosTokenId, EosTokenId = eos, PadTokenId = tokenizer.PadTokenId }, name),
+            { Llama: { } config } => ModelSpec.FromLlama(config with
+            {
+                BosTokenId = tokenizer.BosTokenId,
+                EosTokenIds = tokenizer.EosTokenIds,
+                PadTokenId = tokenizer.PadTokenId,
+            }, name),
+            var other => throw new ArgumentException($"--config {configFile}: FrugalLM cannot build a {other.Family} model"),
+        };
     }
 
     private static GenerationConfig DefaultGeneration(HfTokenizer tokenizer) => new()

@@ -56,6 +56,17 @@ public sealed class HfCheckpoint : IDisposable
     /// <exception cref="ModelConfigException">The checkpoint is of another architecture (see <see cref="ModelType"/>).</exception>
     public LlamaConfig Config => llama ?? throw new ModelConfigException($"{Folder}: a {ModelType} checkpoint has no LLaMA configuration");
 
+    /// <summary>
+    /// The architecture of whichever family the folder holds (LLaMA, Mistral or OPT), named
+    /// <paramref name="name"/> (default: the folder's name): what plans, estimates and a command's checks
+    /// (vocabulary, context length) need without knowing the family.
+    /// </summary>
+    public ModelSpec Spec(string? name = null)
+    {
+        name ??= Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(Folder)));
+        return Opt is { } opt ? ModelSpec.FromOpt(opt, name) : ModelSpec.FromLlama(Config, name);
+    }
+
     /// <summary>The <c>torch_dtype</c> the weights were saved in, whatever the architecture.</summary>
     public string TorchDtype => Opt?.TorchDtype ?? Config.TorchDtype;
 
@@ -127,7 +138,7 @@ public sealed class HfCheckpoint : IDisposable
     /// weight is read and quantized one at a time, so the float model never exists in memory).</param>
     public CausalLM CreateModel(ScalarType dtype = ScalarType.Float32, Int8Options? quantize = null)
     {
-        CausalLM model = Opt is { } opt ? new OptForCausalLM(opt, dtype) : new LlamaForCausalLM(Config, dtype);
+        var model = CausalLM.Create(Spec(), dtype);
         try
         {
             if ((Int8Checkpoint.Options(this) ?? quantize) is { } int8)

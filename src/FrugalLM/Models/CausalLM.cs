@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using FrugalLM.Models.Llama;
+using FrugalLM.Models.Opt;
 using FrugalLM.Planning;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -16,6 +17,23 @@ public abstract class CausalLM : nn.Module<Tensor, Tensor>
     /// <summary>Creates the module.</summary>
     protected CausalLM(string name) : base(name)
     {
+    }
+
+    /// <summary>
+    /// A new model of the architecture <paramref name="spec"/> describes (<see cref="OptForCausalLM"/> or
+    /// <see cref="LlamaForCausalLM"/>), floating weights in <paramref name="dtype"/>, not yet initialized
+    /// (see <see cref="InitializeWeights"/>) or loaded.
+    /// </summary>
+    /// <exception cref="ArgumentException">The spec carries no configuration the runtime can build.</exception>
+    public static CausalLM Create(ModelSpec spec, ScalarType dtype = ScalarType.Float32)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        return spec switch
+        {
+            { Opt: { } opt } => new OptForCausalLM(opt, dtype),
+            { Llama: { } llama } => new LlamaForCausalLM(llama, dtype),
+            _ => throw new ArgumentException($"{spec.Name}: a {spec.Family} spec without its configuration cannot be built", nameof(spec)),
+        };
     }
 
     /// <summary>Rows of the embedding and the LM head.</summary>

@@ -82,21 +82,47 @@ public static class ModuleTree
     /// <summary>
     /// Puts <paramref name="value"/> in place of <paramref name="module"/>'s own parameter <paramref name="name"/>
     /// (for example the same weights in another dtype): through the module's property setter where it has one
-    /// (TorchSharp's built-in layers), else through the field its forward reads and its registry.
+    /// (TorchSharp's built-in layers), else in its registry and in every field that holds the old parameter
+    /// (the field its forward reads). A module that keeps the parameter in its registry only reads it with
+    /// <c>get_parameter</c> (as <c>Int8Linear</c> does its optional bias), so the registry entry is all there is to swap.
     /// </summary>
+    /// <exception cref="ArgumentException">The module has no parameter <paramref name="name"/> of its own.</exception>
     public static void ReplaceParameter(nn.Module module, string name, Parameter value)
     {
+        ArgumentNullException.ThrowIfNull(module);
         var property = module.GetType().GetProperty(name, BindingFlags.Instance | BindingFlags.Public);
         if (property is { CanWrite: true } && property.PropertyType.IsAssignableFrom(typeof(Parameter)))
         {
             property.SetValue(module, value);
             return;
         }
-        var field = FindField(module.GetType(), name)
-            ?? throw new ArgumentException($"{module.GetType().Name} keeps parameter '{name}' in no field that can be replaced");
-        field.SetValue(module, value);
         var registry = (OrderedDict<string, Parameter>)Parameters.GetValue(module)!;
+        if (!registry.TryGetValue(name, out var previous))
+        {
+            throw new ArgumentException($"{module.GetType().Name} has no parameter '{name}' of its own", nameof(name));
+        }
+        // By name (or ComponentName) first; then any other field holding the same object, which a forward
+        // reading a differently named field would otherwise keep using after the swap.
+        FindField(module.GetType(), name)?.SetValue(module, value);
+        foreach (var field in Fields(module.GetType()).Where(f => ReferenceEquals(f.GetValue(module), previous)))
+        {
+            field.SetValue(module, value);
+        }
         registry[name] = value;
+    }
+
+    private static IEnumerable<FieldInfo> Fields(Type type)
+    {
+        for (var t = type; t is not null && t != typeof(nn.Module); t = t.BaseType)
+        {
+            foreach (var field in t.GetFields(BindingFlags.Instance | BindingFlags.NonPublic | BindingFlags.Public | BindingFlags.DeclaredOnly))
+            {
+                if (field.FieldType.IsAssignableFrom(typeof(Parameter)))
+                {
+                    yield return field;
+                }
+            }
+        }
     }
 
     private static FieldInfo? FindField(Type type, string name)

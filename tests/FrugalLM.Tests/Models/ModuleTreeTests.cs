@@ -1,6 +1,8 @@
 using FrugalLM.Models;
 using FrugalLM.Models.Llama;
+using FrugalLM.Quantization;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace FrugalLM.Tests.Models;
@@ -56,5 +58,25 @@ public sealed class ModuleTreeTests
         using var model = new LlamaForCausalLM(TestSupport.TinyConfig());
         Assert.Throws<ArgumentException>(() => ModuleTree.Replace(model, "model.layers.0.self_attn", nn.Linear(4, 4)));
         Assert.Throws<ArgumentException>(() => ModuleTree.Replace(model, "model.layers.0.nothing", nn.Linear(4, 4)));
+    }
+
+    [Fact]
+    public void ReplacesAParameterThatAModuleKeepsInItsRegistryOnly()
+    {
+        // Int8Linear keeps its optional bias in the registry and reads it with get_parameter (no field): mixed
+        // precision converts it like any other parameter.
+        using var linear = nn.Linear(24, 16, hasBias: true);
+        using var layer = Int8Linear.FromLinear(linear);
+        using var x = randn(3, 24);
+        var bias = layer.Bias!;
+        var converted = new Parameter(bias.detach().to(ScalarType.BFloat16) + 1.0f, requires_grad: false);
+        ModuleTree.ReplaceParameter(layer, "bias", converted);
+        Assert.Same(converted, layer.Bias);
+        Assert.Same(converted, layer.named_parameters().Single(p => p.name == "bias").parameter);
+        using var expected = linear.forward(x) + 1.0f;
+        using var actual = layer.forward(x);
+        // Int8 rounding of weights and activations (~1 %) plus the bf16 bias (≤ 2^-8 relative).
+        Assert.True(TensorAssert.RelativeError(actual, expected) < 3e-2, $"{TensorAssert.RelativeError(actual, expected):E2}");
+        Assert.Throws<ArgumentException>(() => { ModuleTree.ReplaceParameter(layer, "nothing", converted); });
     }
 }
