@@ -174,7 +174,13 @@ public sealed unsafe class MpiCollectives : ICollectives
         }
     }
 
-    /// <inheritdoc/>
+    /// <summary>
+    /// All-reduce as the ring reduce-scatter of the largest prefix that divides by the world size, done in place,
+    /// then an in-place all-gather of the reduced slices; the remainder (fewer elements than ranks) goes through
+    /// <c>MPI_Allreduce</c>. OpenMPI 4's own <c>MPI_Allreduce</c> took 0.9-1.4 s for 64 MiB fp32 at 2 ranks on this
+    /// machine, against tens of ms for this. Every element is reduced by one rank and copied to the others, so all
+    /// ranks hold the same bits, as replicated weights need.
+    /// </summary>
     public void AllReduce(torch.Tensor tensor, ReduceOp op)
     {
         CollectiveChecks.Tensor(tensor, nameof(tensor), "all-reduce");
@@ -185,38 +191,28 @@ public sealed unsafe class MpiCollectives : ICollectives
         }
         lock (gate)
         {
-            if (tensor.dtype == torch.ScalarType.Float32)
+            using var flat = tensor.view(-1);
+            long slice = n / WorldSize;
+            if (slice > 0)
             {
-                var data = (float*)TensorMemory.Pointer(tensor);
-                for (long p = 0; p < n; p += MaxElementsPerCall)
-                {
-                    int m = (int)Math.Min(MaxElementsPerCall, n - p);
-                    MpiNative.Check(MpiNative.Allreduce(MpiNative.InPlace, data + p, m, MpiNative.Float, MpiNative.OpSum, MpiNative.CommWorld), "MPI_Allreduce");
-                }
+                using var head = flat.narrow(0, 0, slice * WorldSize);
+                using var own = flat.narrow(0, Rank * slice, slice);
+                ReduceScatter(head, own, op);
+                AllGather(own, head);
+            }
+            long rest = n - slice * WorldSize;
+            if (rest > 0)
+            {
+                using var tail = flat.narrow(0, n - rest, rest);
+                using var wide = Scratch(rest).narrow(0, 0, rest);
+                wide.copy_(tail);
+                var w = (float*)TensorMemory.Pointer(wide);
+                MpiNative.Check(MpiNative.Allreduce(MpiNative.InPlace, w, (int)rest, MpiNative.Float, MpiNative.OpSum, MpiNative.CommWorld), "MPI_Allreduce");
                 if (op == ReduceOp.Avg)
                 {
-                    Divide(data, n, WorldSize);
+                    Divide(w, rest, WorldSize);
                 }
-            }
-            else
-            {
-                int piece = PieceLength(n, 1);
-                using var wide = Scratch(piece).narrow(0, 0, piece);
-                using var flat = tensor.view(-1);
-                var w = (float*)TensorMemory.Pointer(wide);
-                for (long p = 0; p < n; p += piece)
-                {
-                    int m = (int)Math.Min(piece, n - p);
-                    using var part = flat.narrow(0, p, m);
-                    using var wpart = wide.narrow(0, 0, m);
-                    wpart.copy_(part);
-                    MpiNative.Check(MpiNative.Allreduce(MpiNative.InPlace, w, m, MpiNative.Float, MpiNative.OpSum, MpiNative.CommWorld), "MPI_Allreduce");
-                    if (op == ReduceOp.Avg)
-                    {
-                        Divide(w, m, WorldSize);
-                    }
-                    part.copy_(wpart);
-                }
+                tail.copy_(wide);
             }
         }
     }
