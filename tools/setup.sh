@@ -5,9 +5,10 @@
 #   fortunes-min   extra real text for the tokenizer tests
 #   python3-torch  PyTorch 1.13 for /usr/bin/python3: the PEFT adapter check in the tests and the peer of frugal bench
 #   libopenblas0-pthread  the BLAS that peer measures with (tools/README.md)
+#   openmpi-bin    mpirun and libmpi.so.40: frugal launch and the distributed collectives (docs/distributed.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(bible-kjv fortunes-min python3-torch libopenblas0-pthread)
+packages=(bible-kjv fortunes-min python3-torch libopenblas0-pthread openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -16,5 +16,7 @@ internal static class CommandCatalog
         yield return Commands.PlanCommand.Create();
         yield return Commands.BenchCommand.Create();
         yield return Commands.BenchCommand.CreateChild();
+        yield return Commands.LaunchCommand.Create();
+        yield return Commands.CollectivesSelfTestCommand.Create();
     }
 }
