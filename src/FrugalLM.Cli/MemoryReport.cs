@@ -22,9 +22,13 @@ internal sealed class MemoryReport
 
     public MemoryEstimate Estimate { get; }
 
-    /// <summary>Estimates <paramref name="plan"/> as a CPU run, with the runtime baseline measured now.</summary>
+    /// <summary>
+    /// Estimates <paramref name="plan"/> as a CPU run, with the runtime baseline measured now, after the kernels'
+    /// warm-up (<see cref="TorchRuntime.WarmUpKernels"/>: their code pages and thread pools are the runtime's).
+    /// </summary>
     public static MemoryReport Predict(RunPlan plan)
     {
+        TorchRuntime.WarmUpKernels();
         var measured = plan with { Device = ComputeDevice.Cpu, Overhead = new FrameworkOverhead(0, MemoryProbe.CurrentBytes) };
         return new MemoryReport(measured, MemoryEstimator.Estimate(measured));
     }
