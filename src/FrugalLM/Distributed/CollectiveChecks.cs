@@ -34,12 +34,18 @@ internal static unsafe class CollectiveChecks
         }
     }
 
+    // An input and an output buffer of one collective: each usable, both of one dtype.
+    private static void Pair(torch.Tensor input, torch.Tensor output, string collective)
+    {
+        Tensor(input, nameof(input), collective);
+        Tensor(output, nameof(output), collective);
+        SameType(input, output, collective);
+    }
+
     public static void AllGather(torch.Tensor input, torch.Tensor output, int worldSize)
     {
         const string name = "all-gather";
-        Tensor(input, nameof(input), name);
-        Tensor(output, nameof(output), name);
-        SameType(input, output, name);
+        Pair(input, output, name);
         long n = input.numel();
         if (output.numel() != n * worldSize)
         {
@@ -51,9 +57,7 @@ internal static unsafe class CollectiveChecks
     public static void ReduceScatter(torch.Tensor input, torch.Tensor output, int worldSize)
     {
         const string name = "reduce-scatter";
-        Tensor(input, nameof(input), name);
-        Tensor(output, nameof(output), name);
-        SameType(input, output, name);
+        Pair(input, output, name);
         long n = input.numel();
         if (n % worldSize != 0)
         {
