@@ -72,6 +72,7 @@ public static class TorchRuntime
     public static void WarmUpKernels()
     {
         using var scope = torch.NewDisposeScope();
+        using var grad = torch.enable_grad(); // callers may be under no_grad (inference); backward kernels count too
         foreach (var dtype in new[] { torch.ScalarType.Float32, torch.ScalarType.BFloat16, torch.ScalarType.Float16 })
         {
             var ids = torch.randint(0, 16, [2, 8], dtype: torch.ScalarType.Int64);
