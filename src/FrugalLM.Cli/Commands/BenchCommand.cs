@@ -208,7 +208,7 @@ internal static class BenchCommand
         header.AppendLine("# frugal bench results");
         header.AppendLine();
         header.AppendLine(CultureInfo.InvariantCulture, $"- command: `./frugal bench {string.Join(' ', arguments)}`");
-        header.AppendLine(CultureInfo.InvariantCulture, $"- machine: {CpuName()}, {Environment.ProcessorCount} logical CPUs, {MemoryProbe.Mib(TotalMemory())} RAM; {System.Runtime.InteropServices.RuntimeInformation.OSDescription}");
+        header.AppendLine(CultureInfo.InvariantCulture, $"- machine: {Machine()}");
         header.AppendLine(CultureInfo.InvariantCulture, $"- FrugalLM on .NET {Environment.Version}, TorchSharp {typeof(TorchSharp.torch).Assembly.GetName().Version}; peer: {peer?.Version ?? "none"}");
         header.AppendLine(CultureInfo.InvariantCulture, $"- date: {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         header.AppendLine();
@@ -268,6 +268,10 @@ internal static class BenchCommand
 
     private static string Slug(string text) =>
         new string(text.Select(ch => char.IsAsciiLetterOrDigit(ch) ? char.ToLowerInvariant(ch) : '-').ToArray()).Replace("--", "-").Trim('-');
+
+    /// <summary>The machine line of every bench report: CPU, logical CPUs, RAM, operating system.</summary>
+    internal static string Machine() =>
+        $"{CpuName()}, {Environment.ProcessorCount} logical CPUs, {MemoryProbe.Mib(TotalMemory())} RAM; {System.Runtime.InteropServices.RuntimeInformation.OSDescription}";
 
     /// <summary>The CPU's model name from /proc/cpuinfo.</summary>
     internal static string CpuName() =>

@@ -50,7 +50,7 @@ internal static class BenchInt8Command
                 text.AppendLine("# int8 linear forward vs libtorch fp32 / bf16 linear");
                 text.AppendLine();
                 text.AppendLine(CultureInfo.InvariantCulture, $"- command: `./frugal {string.Join(' ', pr.Tokens.Select(t => t.Value))}`");
-                text.AppendLine(CultureInfo.InvariantCulture, $"- machine: {BenchCommand.CpuName()}, {Environment.ProcessorCount} logical CPUs; {System.Runtime.InteropServices.RuntimeInformation.OSDescription}");
+                text.AppendLine(CultureInfo.InvariantCulture, $"- machine: {BenchCommand.Machine()}");
                 text.AppendLine(CultureInfo.InvariantCulture, $"- FrugalLM on .NET {Environment.Version}, TorchSharp {typeof(TorchSharp.torch).Assembly.GetName().Version}");
                 text.AppendLine(CultureInfo.InvariantCulture, $"- date: {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
                 text.AppendLine();
