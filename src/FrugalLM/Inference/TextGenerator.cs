@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using FrugalLM.Models;
+using FrugalLM.Native;
 using FrugalLM.Tokenization;
 
 namespace FrugalLM.Inference;
@@ -50,6 +51,7 @@ public sealed class TextGenerator(CausalLM model, HfTokenizer tokenizer)
                 prefill = clock.Elapsed;
             }
             generated.Add(token);
+            MemoryTrace.Mark("token", resetPeak: false);
             var text = tokenizer.Decode(generated);
             (visible, bool stopped) = stops.Check(text);
             // U+FFFD at the end means the last token ended inside a multi-byte character.

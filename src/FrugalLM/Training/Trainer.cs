@@ -252,45 +252,32 @@ public sealed class Trainer
     {
         using var step = StepScope.Begin(trimHeap: true);
         precision.ZeroGradients();
-        Trace("start");
+        MemoryTrace.Mark("start");
         double counted = Math.Max(1, microBatches.Sum(b => b.LabelCount));
         double loss = 0;
         foreach (var batch in microBatches)
         {
             var micro = LossSum(batch) / counted;
-            Trace("forward");
+            MemoryTrace.Mark("forward");
             precision.ScaleLoss(micro).backward();
-            Trace("backward");
+            MemoryTrace.Mark("backward");
             precision.AccumulateGradients();
             loss += micro.item<float>();
         }
         double norm = precision.GradientNorm();
-        Trace("norm");
+        MemoryTrace.Mark("norm");
         bool overflow = double.IsNaN(norm) || double.IsInfinity(norm);
         if (!overflow)
         {
             // clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is below 1.
             double clip = options.GradClip > 0 ? Math.Min(1.0, options.GradClip / (norm + 1e-6)) : 1.0;
             Optimizer.Step(precision.Unscale * clip);
-            Trace("optimizer");
+            MemoryTrace.Mark("optimizer");
             precision.SyncWeights();
         }
         precision.Scaler?.Update(overflow);
         precision.ZeroGradients(); // no gradient memory through evaluation, samples and checkpoints between steps
         return new StepResult(loss, norm, overflow);
-    }
-
-    // FRUGAL_MEMTRACE=1 prints, after each phase of a step, the resident set and the phase's own peak (the peak is
-    // reset after each print), to find what a step's memory is made of.
-    private static readonly bool TraceMemory = Environment.GetEnvironmentVariable("FRUGAL_MEMTRACE") == "1";
-
-    private static void Trace(string phase)
-    {
-        if (TraceMemory)
-        {
-            Console.Error.WriteLine($"memtrace {phase,-9} resident {MemoryProbe.Mib(MemoryProbe.CurrentBytes),12} peak {MemoryProbe.Mib(MemoryProbe.PeakBytes),12}");
-            MemoryProbe.ResetPeak();
-        }
     }
 
     /// <summary>Mean next-token loss per counted token over held-out batches (at most <paramref name="maxBatches"/>; 0 = all).</summary>

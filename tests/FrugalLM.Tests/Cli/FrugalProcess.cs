@@ -5,9 +5,12 @@ namespace FrugalLM.Tests.Cli;
 /// <summary>Runs the real <c>frugal</c> executable (built next to the tests) as a child process.</summary>
 internal static class FrugalProcess
 {
-    public static (int Exit, string Out, string Err) Run(params string[] args)
+    public static (int Exit, string Out, string Err) Run(params string[] args) => RunWith(new Dictionary<string, string>(), args);
+
+    /// <summary>Runs <c>frugal</c> with extra environment variables.</summary>
+    public static (int Exit, string Out, string Err) RunWith(IReadOnlyDictionary<string, string> environment, params string[] args)
     {
-        using var process = Start(args);
+        using var process = Start(environment, args);
         var stdout = process.StandardOutput.ReadToEndAsync();
         var stderr = process.StandardError.ReadToEndAsync();
         if (!process.WaitForExit(TimeSpan.FromMinutes(5)))
@@ -19,7 +22,9 @@ internal static class FrugalProcess
     }
 
     /// <summary>Starts <c>frugal</c> with redirected output (the caller reads or ignores it).</summary>
-    public static Process Start(params string[] args)
+    public static Process Start(params string[] args) => Start(new Dictionary<string, string>(), args);
+
+    private static Process Start(IReadOnlyDictionary<string, string> environment, string[] args)
     {
         var start = new ProcessStartInfo("dotnet")
         {
@@ -33,6 +38,10 @@ internal static class FrugalProcess
             start.ArgumentList.Add(a);
         }
         start.Environment.Remove("TERM");
+        foreach (var (name, value) in environment)
+        {
+            start.Environment[name] = value;
+        }
         return Process.Start(start)!;
     }
 

@@ -1,0 +1,33 @@
+namespace FrugalLM.Native;
+
+/// <summary>
+/// <c>FRUGAL_MEMTRACE=1</c> prints, at named points of a run (each phase of a training step, each generated
+/// token), the resident set, the native heap in use and the peak (since the previous phase, or since the run
+/// began for tokens), on standard error. It is how a step's memory was taken apart, and how the hygiene test
+/// watches a real <c>frugal generate</c> from outside, untouched by whatever else a test process did.
+/// </summary>
+public static class MemoryTrace
+{
+    /// <summary>Whether <c>FRUGAL_MEMTRACE=1</c> is set.</summary>
+    public static bool Enabled { get; } = Environment.GetEnvironmentVariable("FRUGAL_MEMTRACE") == "1";
+
+    /// <summary>The prefix of every trace line.</summary>
+    public const string Prefix = "memtrace";
+
+    /// <summary>Writes one trace line for <paramref name="point"/> when tracing is on.</summary>
+    /// <param name="point">What just ended.</param>
+    /// <param name="resetPeak">Start a new peak after this line (phases of a step), or keep the run's peak so the
+    /// run's own peak report stays true (generated tokens).</param>
+    public static void Mark(string point, bool resetPeak = true)
+    {
+        if (!Enabled)
+        {
+            return;
+        }
+        Console.Error.WriteLine($"{Prefix} {point,-9} resident {MemoryProbe.Mib(MemoryProbe.CurrentBytes),12} heap {MemoryProbe.Mib(MemoryProbe.NativeHeapBytes),12} peak {MemoryProbe.Mib(MemoryProbe.PeakBytes),12}");
+        if (resetPeak)
+        {
+            MemoryProbe.ResetPeak();
+        }
+    }
+}
