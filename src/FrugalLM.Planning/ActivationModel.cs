@@ -192,7 +192,22 @@ public static class ActivationModel
             attention = checked(attention + batch * sequence * sequence * m.NumAttentionHeads * (Fp32 + (a < Fp32 ? a : 0)));
         }
         long mlp = checked(batch * sequence * a * (2 * h + (m.Family == ModelFamily.Llama ? 3 * i : 2 * i)));
-        return checked(Math.Max(attention, mlp) + batch * m.VocabSize * Fp32);
+        return checked(Math.Max(attention, mlp) + batch * m.VocabSize * Fp32 + UpcastTilesBytes(plan, batch * sequence));
+    }
+
+    /// <summary>
+    /// fp16 products on a CPU run in fp32 tiles (<see cref="UpcastLayout"/>): a weight tile, an output tile and
+    /// the input's fp32 copy (widest input: the MLP's down projection) beside the 16-bit operands; 0 elsewhere.
+    /// </summary>
+    public static long UpcastTilesBytes(RunPlan plan, long rows)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        if (plan.Device != ComputeDevice.Cpu || plan.Precision != Precision.Fp16)
+        {
+            return 0;
+        }
+        long widest = plan.Model.LayerLinears.Max(l => (long)l.InFeatures);
+        return checked(Fp32 * (2 * UpcastLayout.TileElements + rows * widest));
     }
 
     /// <summary>The KV cache: keys and values of every layer for every position, at compute precision.</summary>

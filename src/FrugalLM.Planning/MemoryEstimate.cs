@@ -21,6 +21,12 @@ public enum Phases
 
     /// <summary>Throughout the step (weights, optimizer states, context).</summary>
     All = ForwardEnd | BackwardEnd | OptimizerStep,
+
+    /// <summary>
+    /// Loading the weights, before the first step: the weights and the loader's temporaries. Only generation
+    /// counts it (its steps can need less than loading; a training step always needs more).
+    /// </summary>
+    Loading = 8,
 }
 
 /// <summary>One part of a run's memory.</summary>
@@ -43,7 +49,7 @@ public sealed record MemoryEstimate(
     IReadOnlyList<string> Warnings,
     long TrainableParameterCount)
 {
-    private static readonly Phases[] Moments = [Phases.ForwardEnd, Phases.BackwardEnd, Phases.OptimizerStep];
+    private static readonly Phases[] Moments = [Phases.ForwardEnd, Phases.BackwardEnd, Phases.OptimizerStep, Phases.Loading];
 
     /// <summary>Device bytes alive at one phase.</summary>
     public long DeviceBytesAt(Phases phase) =>

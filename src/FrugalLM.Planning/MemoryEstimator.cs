@@ -281,7 +281,8 @@ public static class MemoryEstimator
         long b = plan.MicroBatchSize, s = plan.SequenceLength;
         var list = new List<MemoryComponent>
         {
-            new("weights", WeightsLabel(plan), t.Sum(u => u.Weights), offload.Weights, Phases.All, WeightsFormula(plan)),
+            new("weights", WeightsLabel(plan), t.Sum(u => u.Weights), offload.Weights, Phases.All | Phases.Loading, WeightsFormula(plan)),
+            LoadWorkspace(plan),
             new("kv_cache", "KV cache", ActivationModel.KvCacheBytes(plan, b, s), MemoryTier.Device, Phases.All,
                 $"2 x layers x b x s x kv_heads x head_dim x {plan.ComputeBytes} B"),
             new("generation_workspace", "forward temporaries (prefill) and last-position logits",
@@ -295,6 +296,22 @@ public static class MemoryEstimator
         }
         list.AddRange(DiskStaging(plan, t));
         return list;
+    }
+
+    // Loading the weights: a slice of a tensor (at most 8 MiB of the largest, read as fp32) and its mapped file pages,
+    // or, when linear layers are quantized from a float checkpoint while loading, the largest such layer's fp32
+    // copy and temporaries.
+    private static MemoryComponent LoadWorkspace(RunPlan plan)
+    {
+        var m = plan.Model;
+        long largestLinear = m.LayerLinears.Max(l => (long)l.InFeatures * l.OutFeatures);
+        long slices = 2 * Math.Min(WeightLoadLayout.SliceBytes, Math.Max((long)m.VocabSize * m.HiddenSize, largestLinear) * 4);
+        long quantize = plan.Quantization.Kind == QuantizationKind.None ? 0 : largestLinear * WeightLoadLayout.QuantizeBytesPerValue;
+        return quantize > slices
+            ? new("load_workspace", "loading: the largest linear layer quantized from its fp32 copy", quantize, MemoryTier.Device, Phases.Loading,
+                $"largest layer weight x {WeightLoadLayout.QuantizeBytesPerValue} B")
+            : new("load_workspace", "loading: one slice of a tensor and its mapped file pages", slices, MemoryTier.Device, Phases.Loading,
+                "2 x min(8 MiB, largest tensor in fp32)");
     }
 
     private static IEnumerable<MemoryComponent> DiskStaging(RunPlan plan, TensorAccount t)
@@ -322,13 +339,13 @@ public static class MemoryEstimator
         if (plan.Overhead.ContextBytes > 0)
         {
             yield return new("cuda_context", "CUDA context and kernels", plan.Overhead.ContextBytes, MemoryTier.Device,
-                Phases.All, "configured (article: about 1.3 GB)");
+                Phases.All | Phases.Loading, "configured (article: about 1.3 GB)");
         }
         if (plan.Overhead.RuntimeBaselineBytes > 0)
         {
             var tier = plan.Device == ComputeDevice.Cpu ? MemoryTier.Device : MemoryTier.Host;
             yield return new("runtime_baseline", "runtime baseline (process before the model)", plan.Overhead.RuntimeBaselineBytes,
-                tier, Phases.All, "measured by the runtime");
+                tier, Phases.All | Phases.Loading, "measured by the runtime");
         }
     }
 

@@ -183,6 +183,34 @@ public static class OptimizerStepLayout
     }
 }
 
+/// <summary>
+/// How weights are read from safetensors files: in slices of whole rows of at most <see cref="SliceBytes"/>,
+/// dropping the file's mapped pages after each, so converting a tensor's dtype costs one slice, not a second
+/// copy of the tensor. A linear layer quantized to int8 while loading exists whole in fp32 for a moment, with
+/// its absolute values, its scaled copy and its int8 result (<see cref="QuantizeBytesPerValue"/>). The estimator
+/// and the loader both read it.
+/// </summary>
+public static class WeightLoadLayout
+{
+    /// <summary>Largest slice read at once.</summary>
+    public const long SliceBytes = 8L << 20;
+
+    /// <summary>Peak bytes per weight value while one layer is quantized to int8 on load.</summary>
+    public const long QuantizeBytesPerValue = 4 + 4 + 4 + 1;
+}
+
+/// <summary>
+/// How a 16-bit linear product is computed where the CPU has no arithmetic for its dtype (fp16 here): in fp32,
+/// tiled over the output features so the fp32 copies of the weight and of the output exist one tile of at most
+/// <see cref="TileElements"/> values at a time; the input's fp32 copy is whole. The estimator and
+/// <c>Matmul16</c> both read it.
+/// </summary>
+public static class UpcastLayout
+{
+    /// <summary>Largest weight tile, and largest output tile, in values.</summary>
+    public const long TileElements = 4L << 20;
+}
+
 /// <summary>Gradient (activation) checkpointing of decoder layers.</summary>
 /// <param name="Interval">0: off. k ≥ 1: the stack is cut into segments of k consecutive decoder layers; only each
 /// segment's input is kept and the segment is recomputed in backward.</param>

@@ -250,7 +250,38 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(48, e.Bytes("inputs"));
         Assert.Equal(17_312, e.Bytes("weights"));
         Assert.Equal(0, e.Bytes("optimizer_states") + e.Bytes("gradients") + e.Bytes("activations"));
-        Assert.Equal(17_312 + 384 + 2_624 + 48 + 1_000, e.DeviceBytes);
+        Assert.Equal(17_312 + 384 + 2_624 + 48 + 1_000, e.DeviceBytesAt(Phases.ForwardEnd));
+        // Loading reads the largest tensor (the 100 x 16 embedding, 6,400 B in fp32) whole and holds its mapped
+        // pages: 12,800 B beside the weights, which is more than generating needs here.
+        Assert.Equal(12_800, e.Bytes("load_workspace"));
+        Assert.Equal(17_312 + 12_800 + 1_000, e.DeviceBytes);
+        Assert.Equal(Phases.Loading, e.PeakPhase);
+    }
+
+    [Fact]
+    public void Fp16GenerationOnACpuHoldsFp32Tiles()
+    {
+        var gpu = Tiny.Plan() with { Mode = RunMode.Generate, Precision = Precision.Fp16, Optimizer = OptimizerKind.None };
+        var cpu = gpu with { Device = ComputeDevice.Cpu };
+        // Two tiles of 4 Mi fp32 values and the fp32 copy of 2 x 3 input rows of the widest input (the MLP's 40).
+        long tiles = 4 * (2 * (4L << 20) + 6 * 40);
+        Assert.Equal(tiles, ActivationModel.UpcastTilesBytes(cpu, 6));
+        Assert.Equal(tiles, MemoryEstimator.Estimate(cpu).Bytes("generation_workspace") - MemoryEstimator.Estimate(gpu).Bytes("generation_workspace"));
+        Assert.Equal(0, ActivationModel.UpcastTilesBytes(cpu with { Precision = Precision.Bf16 }, 6));
+    }
+
+    [Fact]
+    public void QuantizingWhileLoadingHoldsTheLargestLayerInFp32()
+    {
+        var plan = Tiny.Plan() with
+        {
+            Model = ModelCatalog.Resolve("llama-7b"), Mode = RunMode.Generate, Precision = Precision.Bf16, Optimizer = OptimizerKind.None,
+            Quantization = Quantization.Int8,
+        };
+        var e = MemoryEstimator.Estimate(plan);
+        // The MLP's 11008 x 4096 weights, 13 B a value (fp32 copy, absolute values, scaled copy, int8 result).
+        Assert.Equal(11_008L * 4_096 * 13, e.Bytes("load_workspace"));
+        Assert.True(e.DeviceBytesAt(Phases.Loading) < e.DeviceBytesAt(Phases.ForwardEnd) + e.Bytes("load_workspace"));
     }
 
     [Fact]

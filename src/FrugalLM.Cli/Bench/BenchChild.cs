@@ -98,8 +98,11 @@ internal static class BenchChild
         var report = MemoryReport.Predict(plan);
         long baseline = report.Plan.Overhead.RuntimeBaselineBytes;
         MemoryProbe.ResetPeak();
+        MemoryTrace.Mark("baseline", resetPeak: false);
         using var model = checkpoint.CreateModel(InferenceModel.WeightDtype(plan.Precision), Int8(plan));
+        MemoryTrace.Mark("loaded", resetPeak: false);
         using var applied = Techniques.Apply(model, plan);
+        MemoryTrace.Mark("applied", resetPeak: false);
         model.eval();
         // Greedy, never stopping early: every generation has exactly NewTokens tokens, as the peer's.
         var options = new SamplingOptions { MaxNewTokens = c.NewTokens, Temperature = 0, StopTokenIds = [] };
@@ -123,6 +126,7 @@ internal static class BenchChild
                 }
             }
             double total = clock.Elapsed.TotalSeconds;
+            MemoryTrace.Mark("generated", resetPeak: false);
             if (produced != c.NewTokens)
             {
                 throw new InvalidOperationException($"generated {produced} tokens, expected {c.NewTokens}");

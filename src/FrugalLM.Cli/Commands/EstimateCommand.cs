@@ -89,6 +89,8 @@ internal static class EstimateCommand
     private static readonly (Phases Phase, string Name)[] PhaseNames =
         [(Phases.ForwardEnd, "forward_end"), (Phases.BackwardEnd, "backward_end"), (Phases.OptimizerStep, "optimizer_step")];
 
+    private static readonly (Phases Phase, string Name)[] LiveInNames = [.. PhaseNames, (Phases.Loading, "loading")];
+
     private static JsonObject DetailedJson(MemoryEstimate e, GpuSpec? gpu, long? budget, bool? fits, int? maxBatch)
     {
         var phases = new JsonObject();
@@ -112,7 +114,7 @@ internal static class EstimateCommand
                 ["label"] = c.Label,
                 ["bytes"] = c.Bytes,
                 ["tier"] = PlanNames.Format(c.Tier),
-                ["live_in"] = new JsonArray(PhaseNames.Where(p => (c.LiveIn & p.Phase) != 0).Select(p => (JsonNode?)p.Name).ToArray()),
+                ["live_in"] = new JsonArray(LiveInNames.Where(p => (c.LiveIn & p.Phase) != 0).Select(p => (JsonNode?)p.Name).ToArray()),
                 ["formula"] = c.Formula,
             }).ToArray()),
             ["device_bytes_by_phase"] = e.Plan.Trains ? phases : null,
@@ -146,7 +148,7 @@ internal static class EstimateCommand
             table.AddRow(
                 Markup.Escape(c.Label),
                 PlanNames.Format(c.Tier),
-                plan.Trains ? Alive(c.LiveIn) : "throughout",
+                plan.Trains ? Alive(c.LiveIn) : c.LiveIn == Phases.Loading ? "while loading" : "throughout",
                 ((double)c.Bytes / ByteSize.GiB).ToString("F2", CultureInfo.InvariantCulture),
                 Markup.Escape(c.Formula));
         }

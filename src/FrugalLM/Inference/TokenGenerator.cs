@@ -49,7 +49,10 @@ public sealed class TokenGenerator(CausalLM model)
             {
                 using var ids = tensor(input, [1, input.Length]);
                 var hidden = model.Hidden(ids, cache);
-                var logits = model.Logits(hidden[.., ^1..]).reshape(-1).to(ScalarType.Float32);
+                // The last position as a 2-D [1, hidden] row: the 3-D slice hidden[:, -1:] keeps the prompt's batch
+                // stride, which libtorch's matmul cannot fold into a 2-D product, so it made a contiguous
+                // copy of the whole (16-bit) head for every token: +47 MiB of peak on llama-100m.
+                var logits = model.Logits(hidden.select(1, -1)).reshape(-1).to(ScalarType.Float32);
                 next = Sample(logits, options, rng);
             }
             if (stops.Contains(next))

@@ -39,7 +39,16 @@ public readonly struct StepScope : IDisposable
     {
         scope?.Dispose();
         GC.Collect(0, GCCollectionMode.Forced, blocking: true, compacting: false);
-        if (trimHeap && OperatingSystem.IsLinux())
+        if (trimHeap)
+        {
+            TrimHeap();
+        }
+    }
+
+    /// <summary>Returns the C heap's free pages to the OS (after a step, or after loading a model).</summary>
+    public static void TrimHeap()
+    {
+        if (OperatingSystem.IsLinux())
         {
             _ = malloc_trim(0);
         }

@@ -1,4 +1,5 @@
 using FrugalLM.Native;
+using FrugalLM.Planning;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -30,7 +31,7 @@ public static class Matmul16
     // output features, so the fp32 copies of the weight, the output and its gradient exist one tile at a time
     // (a [1024, 50257] head output would otherwise have a 196 MiB fp32 twin, and its weight a 49 MiB one);
     // only the input's fp32 copy [tokens, in] and its gradient's are whole.
-    private const long TileElements = 4L << 20;
+    private const long TileElements = UpcastLayout.TileElements;
 
     private static long TileWidth(long rows, long inFeatures, long outFeatures) =>
         Math.Clamp(TileElements / Math.Max(1, Math.Max(rows, inFeatures)), 1, Math.Max(1, outFeatures));
