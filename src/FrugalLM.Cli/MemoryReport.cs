@@ -1,6 +1,7 @@
 using System.Globalization;
 using FrugalLM.Native;
 using FrugalLM.Planning;
+using FrugalLM.Quantization;
 
 namespace FrugalLM.Cli;
 
@@ -29,6 +30,10 @@ internal sealed class MemoryReport
     public static MemoryReport Predict(RunPlan plan)
     {
         TorchRuntime.WarmUpKernels();
+        if (plan.Quantization.Kind == QuantizationKind.Int8)
+        {
+            Int8Linear.WarmUp();
+        }
         var measured = plan with { Device = ComputeDevice.Cpu, Overhead = new FrameworkOverhead(0, MemoryProbe.CurrentBytes) };
         return new MemoryReport(measured, MemoryEstimator.Estimate(measured));
     }

@@ -124,6 +124,25 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
     }
 
     /// <summary>
+    /// Runs this layer's code once on a tiny layer (quantizing a float weight, the forward in fp32 and bf16 with an
+    /// outlier feature, and the backward to the input), so the JIT-compiled kernels and their thread pool belong
+    /// to the runtime baseline a memory report measures, as <see cref="TorchRuntime.WarmUpKernels"/> does for
+    /// libtorch's kernels.
+    /// </summary>
+    public static void WarmUp()
+    {
+        using var scope = NewDisposeScope();
+        using var grad = enable_grad();
+        using var layer = new Int8Linear(empty(64, 64, dtype: ScalarType.Int8), empty(64), null, threshold: 6.0);
+        layer.LoadFloatWeight(randn(64, 64));
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+        {
+            var x = randn(4, 64).index_put_(tensor(20f), TensorIndex.Colon, TensorIndex.Single(3)).to(dtype).requires_grad_(true);
+            layer.forward(x).to(ScalarType.Float32).sum().backward();
+        }
+    }
+
+    /// <summary>
     /// W ← quantize(dequantize(W) + <paramref name="delta"/>): adds a float update [out, in] (a merged LoRA
     /// adapter's B·A·scale) to this layer's weight in float32 and requantizes the sum row-wise exactly as
     /// <see cref="FromLinear"/> does, replacing <see cref="Weight"/> and <see cref="Scb"/> in place. The int8
