@@ -15,14 +15,20 @@ internal sealed class FlatParameter : IDisposable
 {
     private static readonly Tensor Released = empty(0).DetachFromDisposeScope();
     private readonly ICollectives collectives;
+    private readonly System.Diagnostics.Stopwatch communication;
     private readonly (Parameter Parameter, long[] Shape, long Offset, long Count)[] entries;
     private Tensor? full;
 
     /// <summary>Flattens <paramref name="parameters"/> (their current values become the shards) and releases their memory.</summary>
-    public FlatParameter(string name, IReadOnlyList<(string Name, Parameter Parameter)> parameters, ICollectives collectives)
+    /// <param name="name">The vector's name.</param>
+    /// <param name="parameters">The parameters, in order.</param>
+    /// <param name="collectives">The ranks.</param>
+    /// <param name="communication">Runs while this vector's collectives run (the time spent communicating).</param>
+    public FlatParameter(string name, IReadOnlyList<(string Name, Parameter Parameter)> parameters, ICollectives collectives, System.Diagnostics.Stopwatch communication)
     {
         Name = name;
         this.collectives = collectives;
+        this.communication = communication;
         long offset = 0;
         entries = new (Parameter, long[], long, long)[parameters.Count];
         for (int i = 0; i < parameters.Count; i++)
@@ -78,7 +84,7 @@ internal sealed class FlatParameter : IDisposable
         }
         using var noGrad = no_grad();
         full = empty(ShardSize * collectives.WorldSize, ScalarType.Float32).DetachFromDisposeScope();
-        collectives.AllGather(Shard.detach(), full);
+        AllGather(full);
         foreach (var (parameter, shape, start, count) in entries)
         {
             using var view = full.narrow(0, start, count).view(shape);
@@ -94,7 +100,15 @@ internal sealed class FlatParameter : IDisposable
             return;
         }
         using var noGrad = no_grad();
-        collectives.AllGather(Shard.detach(), full);
+        AllGather(full);
+    }
+
+    private void AllGather(Tensor output)
+    {
+        communication.Start();
+        using var shard = Shard.detach();
+        collectives.AllGather(shard, output);
+        communication.Stop();
     }
 
     /// <summary>Releases the full parameters; the modules' parameters become empty until the next <see cref="Gather"/>.</summary>
@@ -135,7 +149,9 @@ internal sealed class FlatParameter : IDisposable
             }
         }
         var mine = empty(ShardSize, ScalarType.Float32);
+        communication.Start();
         collectives.ReduceScatter(unsharded, mine, ReduceOp.Sum);
+        communication.Stop();
         if (Shard.grad is Tensor accumulated)
         {
             accumulated.add_(mine);

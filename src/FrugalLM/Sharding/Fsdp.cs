@@ -61,6 +61,7 @@ public sealed class ShardedModel : IDisposable
 {
     private readonly List<FlatParameter> root;
     private readonly List<FsdpLayer> layers = [];
+    private readonly System.Diagnostics.Stopwatch communication = new();
 
     internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy)
     {
@@ -75,12 +76,12 @@ public sealed class ShardedModel : IDisposable
             string path = layerPath + i.ToString(System.Globalization.CultureInfo.InvariantCulture);
             var named = decoder[i].named_parameters().Where(p => p.parameter.requires_grad).Select(p => (path + "." + p.name, p.parameter)).ToList();
             inLayers.UnionWith(named.Select(n => n.Item1));
-            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives), strategy);
+            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication), strategy);
             ModuleTree.Replace(model, path, layer);
             layers.Add(layer);
         }
         var rest = model.named_parameters().Where(p => p.parameter.requires_grad && !inLayers.Contains(p.name)).Select(p => (p.name, p.parameter)).ToList();
-        root = Flats("root", rest, embeddings, collectives);
+        root = Flats("root", rest, embeddings, collectives, communication);
         foreach (var flat in root)
         {
             flat.Gather();
@@ -104,6 +105,9 @@ public sealed class ShardedModel : IDisposable
 
     /// <summary>Names of the flat vectors that hold embedding tables (8-bit AdamW keeps their moments in fp32).</summary>
     public IReadOnlySet<string> EmbeddingFlats => AllFlats.Where(f => f.Name.EndsWith(Embedding, StringComparison.Ordinal)).Select(f => f.Name).ToHashSet(StringComparer.Ordinal);
+
+    /// <summary>Time this rank has spent in collectives since wrapping (gathers, reduce-scatters, the norm's and losses' all-reduces).</summary>
+    public TimeSpan CommunicationTime => communication.Elapsed;
 
     /// <summary>Trainable parameters (without padding) across all ranks.</summary>
     public long TrainableCount => AllFlats.Sum(f => f.Count);
@@ -135,7 +139,9 @@ public sealed class ShardedModel : IDisposable
                 squares.add_(g.to(ScalarType.Float64).square().sum().to(ScalarType.Float32));
             }
         }
+        communication.Start();
         Collectives.AllReduce(squares, ReduceOp.Sum);
+        communication.Stop();
         return Math.Sqrt(squares.item<float>()) * scale;
     }
 
@@ -143,7 +149,9 @@ public sealed class ShardedModel : IDisposable
     public double SumOverRanks(double value)
     {
         using var t = tensor(new[] { (float)value });
+        communication.Start();
         Collectives.AllReduce(t, ReduceOp.Sum);
+        communication.Stop();
         return t.item<float>();
     }
 
@@ -187,7 +195,8 @@ public sealed class ShardedModel : IDisposable
 
     // AdamW's decay groups (matrices decay, vectors do not) and 8-bit AdamW's fp32 embeddings need separate vectors:
     // one flat vector has one weight decay and one moment format.
-    private static List<FlatParameter> Flats(string unit, List<(string Name, Parameter Parameter)> parameters, IReadOnlySet<string> embeddings, ICollectives collectives)
+    private static List<FlatParameter> Flats(string unit, List<(string Name, Parameter Parameter)> parameters, IReadOnlySet<string> embeddings, ICollectives collectives,
+        System.Diagnostics.Stopwatch communication)
     {
         var groups = new (string Suffix, Func<(string Name, Parameter Parameter), bool> Member)[]
         {
@@ -197,6 +206,6 @@ public sealed class ShardedModel : IDisposable
         };
         // Members are chosen before any vector is built: building one releases its parameters (their shapes become [0]).
         var members = groups.Select(g => (g.Suffix, Members: parameters.Where(g.Member).ToList())).Where(g => g.Members.Count > 0).ToList();
-        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives)).ToList();
+        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication)).ToList();
     }
 }
