@@ -178,7 +178,7 @@ internal static class TrainCommand
                 CliRunner.Status($"LoRA: {adapters}");
             }
             // Sharding comes last (Techniques' order); every rank built the same model from the same seed or folder.
-            using var sharded = strategy == ShardingStrategy.None ? null : Fsdp.Wrap(lm, collectives!, strategy);
+            using var sharded = strategy == ShardingStrategy.None ? null : Fsdp.Wrap(lm, collectives!, strategy, mixed);
             if (sharded is not null)
             {
                 CliRunner.Status(string.Create(CultureInfo.InvariantCulture,

@@ -24,24 +24,31 @@ internal sealed class FlatParameter : IDisposable
     /// <param name="parameters">The parameters, in order.</param>
     /// <param name="collectives">The ranks.</param>
     /// <param name="communication">Runs while this vector's collectives run (the time spent communicating).</param>
-    public FlatParameter(string name, IReadOnlyList<(string Name, Parameter Parameter)> parameters, ICollectives collectives, System.Diagnostics.Stopwatch communication)
+    /// <param name="masters">fp32 values of parameters that compute in 16 bits (mixed precision's masters), by name; a
+    /// parameter without one is widened from its own value.</param>
+    public FlatParameter(string name, IReadOnlyList<(string Name, Parameter Parameter)> parameters, ICollectives collectives, System.Diagnostics.Stopwatch communication,
+        IReadOnlyDictionary<string, Tensor>? masters = null)
     {
         Name = name;
         this.collectives = collectives;
         this.communication = communication;
         long offset = 0;
+        ParameterNames = parameters.Select(p => p.Name).ToArray();
         entries = new (Parameter, long[], long, long)[parameters.Count];
         for (int i = 0; i < parameters.Count; i++)
         {
             var p = parameters[i].Parameter;
-            if (p.dtype != ScalarType.Float32)
+            if (i == 0)
             {
-                throw new NotSupportedException($"FSDP shards fp32 parameters; {parameters[i].Name} is {p.dtype} (16-bit compute under FSDP is not implemented yet)");
+                ComputeDtype = p.dtype;
+            }
+            if (p.dtype != ComputeDtype || !p.is_floating_point())
+            {
+                throw new NotSupportedException($"FSDP flattens floating parameters of one dtype per vector; {parameters[i].Name} is {p.dtype}, {parameters[0].Name} {ComputeDtype}");
             }
             entries[i] = (p, p.shape, offset, p.numel());
             offset += p.numel();
         }
-        ParameterNames = parameters.Select(p => p.Name).ToArray();
         Count = offset;
         int world = collectives.WorldSize;
         ShardSize = (Count + world - 1) / world;
@@ -49,9 +56,11 @@ internal sealed class FlatParameter : IDisposable
         using var scope = NewDisposeScope();
         // Every rank holds the same full values here (same seed or the same folder), so each cuts out its own shard.
         var whole = zeros(ShardSize * world, ScalarType.Float32);
-        foreach (var (parameter, _, start, count) in entries)
+        for (int i = 0; i < entries.Length; i++)
         {
-            whole.narrow(0, start, count).copy_(parameter.detach().reshape(-1));
+            var (parameter, _, start, count) = entries[i];
+            var value = masters?.GetValueOrDefault(ParameterNames[i]) ?? parameter.detach();
+            whole.narrow(0, start, count).copy_(value.reshape(-1));
             parameter.set_(Released);
         }
         Shard = whole.narrow(0, collectives.Rank * ShardSize, ShardSize).clone().requires_grad_(true).DetachFromDisposeScope();
@@ -62,6 +71,9 @@ internal sealed class FlatParameter : IDisposable
 
     /// <summary>Names of the parameters in the flat vector, in order.</summary>
     public IReadOnlyList<string> ParameterNames { get; }
+
+    /// <summary>The dtype the parameters compute in (and are gathered in): fp32, or bf16/fp16 under mixed precision.</summary>
+    public ScalarType ComputeDtype { get; }
 
     /// <summary>Elements of the parameters (without padding).</summary>
     public long Count { get; }
@@ -83,12 +95,14 @@ internal sealed class FlatParameter : IDisposable
             return;
         }
         using var noGrad = no_grad();
-        full = empty(ShardSize * collectives.WorldSize, ScalarType.Float32).DetachFromDisposeScope();
+        // Every view handle must go with this scope: a stray one (the narrow before the view) keeps the whole buffer's
+        // storage alive until the .NET GC finalizes it, and Free would then release nothing.
+        using var scope = NewDisposeScope();
+        full = empty(ShardSize * collectives.WorldSize, ComputeDtype).DetachFromDisposeScope();
         AllGather(full);
         foreach (var (parameter, shape, start, count) in entries)
         {
-            using var view = full.narrow(0, start, count).view(shape);
-            parameter.set_(view);
+            parameter.set_(full.narrow(0, start, count).view(shape));
         }
     }
 
@@ -103,10 +117,11 @@ internal sealed class FlatParameter : IDisposable
         AllGather(full);
     }
 
+    // Gathers in the output's dtype: 16-bit compute sends the shard rounded to 16 bits (half the bytes of fp32).
     private void AllGather(Tensor output)
     {
+        using var shard = output.dtype == ScalarType.Float32 ? Shard.detach() : Shard.detach().to(output.dtype);
         communication.Start();
-        using var shard = Shard.detach();
         collectives.AllGather(shard, output);
         communication.Stop();
     }
@@ -163,25 +178,23 @@ internal sealed class FlatParameter : IDisposable
     }
 
     /// <summary>
-    /// The full value of every parameter, in order, as new fp32 tensors on rank 0 (empty list elsewhere); every rank must
-    /// call it. Gathers this flat vector if needed and frees it again afterwards unless it was gathered before.
+    /// The full fp32 value (the masters) of every parameter, in order, as new tensors on rank 0 (an empty list elsewhere);
+    /// every rank must call it. Gathers the fp32 shards into a temporary vector; the modules' parameters are not touched.
     /// </summary>
     public List<(string Name, Tensor Value)> Collect()
     {
-        bool wasGathered = Gathered;
-        Gather();
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope(); // the views go with it, and with them the last reference to the buffer
+        var whole = empty(ShardSize * collectives.WorldSize, ScalarType.Float32);
+        AllGather(whole);
         var result = new List<(string, Tensor)>();
         if (collectives.Rank == 0)
         {
-            using var noGrad = no_grad();
             for (int i = 0; i < entries.Length; i++)
             {
-                result.Add((ParameterNames[i], entries[i].Parameter.detach().clone().DetachFromDisposeScope()));
+                var (_, shape, start, count) = entries[i];
+                result.Add((ParameterNames[i], whole.narrow(0, start, count).view(shape).clone().DetachFromDisposeScope()));
             }
-        }
-        if (!wasGathered)
-        {
-            Free();
         }
         return result;
     }

@@ -2,6 +2,7 @@ using FrugalLM.Distributed;
 using FrugalLM.Models;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
+using FrugalLM.Precision;
 using FrugalLM.Training;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -21,10 +22,13 @@ public static class Fsdp
     /// Shards <paramref name="model"/>'s trainable parameters in place and wraps its decoder layers. Every rank must call
     /// it with the same model (same seed or the same folder). Apply it last, after LoRA and precision.
     /// </summary>
-    /// <param name="model">The model, every other technique applied; trainable parameters in fp32.</param>
+    /// <param name="model">The model, every other technique applied.</param>
     /// <param name="collectives">The ranks.</param>
     /// <param name="strategy"><see cref="ShardingStrategy.FullShard"/> or <see cref="ShardingStrategy.ShardGradOp"/>.</param>
-    public static ShardedModel Wrap(CausalLM model, ICollectives collectives, ShardingStrategy strategy)
+    /// <param name="precision">The model's mixed precision, when it computes in 16 bits with fp32 masters: FSDP takes the
+    /// masters over (<see cref="MixedPrecision.TakeMasters"/>), keeps its fp32 shard of them, gathers layers in 16 bits
+    /// and reduces gradients in fp32. Without it, trainable parameters must be fp32 (or carry no masters).</param>
+    public static ShardedModel Wrap(CausalLM model, ICollectives collectives, ShardingStrategy strategy, MixedPrecision? precision = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(collectives);
@@ -41,7 +45,24 @@ public static class Fsdp
             // FULL_SHARD already recomputes every layer in backward; checkpointing under it would recompute twice.
             throw new NotSupportedException("FSDP does not compose with --grad-checkpointing yet (--fsdp full already recomputes each layer in backward)");
         }
-        return new ShardedModel(model, collectives, strategy);
+        if (precision?.Mode == Planning.Precision.Bf16Pure)
+        {
+            throw new NotSupportedException("FSDP keeps fp32 shard masters: use --precision bf16 (not bf16-pure)");
+        }
+        var masters = precision?.TakeMasters() ?? [];
+        try
+        {
+            return new ShardedModel(model, collectives, strategy, masters.ToDictionary(m => m.Name, m => m.Master, StringComparer.Ordinal));
+        }
+        finally
+        {
+            // The full fp32 masters go now: each rank keeps only its shard of them.
+            foreach (var (_, master) in masters)
+            {
+                master.grad?.Dispose();
+                master.Dispose();
+            }
+        }
     }
 }
 
@@ -63,7 +84,7 @@ public sealed class ShardedModel : IDisposable
     private readonly List<FsdpLayer> layers = [];
     private readonly System.Diagnostics.Stopwatch communication = new();
 
-    internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy)
+    internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy, IReadOnlyDictionary<string, Tensor> masters)
     {
         Collectives = collectives;
         Strategy = strategy;
@@ -76,12 +97,12 @@ public sealed class ShardedModel : IDisposable
             string path = layerPath + i.ToString(System.Globalization.CultureInfo.InvariantCulture);
             var named = decoder[i].named_parameters().Where(p => p.parameter.requires_grad).Select(p => (path + "." + p.name, p.parameter)).ToList();
             inLayers.UnionWith(named.Select(n => n.Item1));
-            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication), strategy);
+            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication, masters), strategy);
             ModuleTree.Replace(model, path, layer);
             layers.Add(layer);
         }
         var rest = model.named_parameters().Where(p => p.parameter.requires_grad && !inLayers.Contains(p.name)).Select(p => (p.name, p.parameter)).ToList();
-        root = Flats("root", rest, embeddings, collectives, communication);
+        root = Flats("root", rest, embeddings, collectives, communication, masters);
         foreach (var flat in root)
         {
             flat.Gather();
@@ -131,14 +152,18 @@ public sealed class ShardedModel : IDisposable
     public double GradientNorm(double scale = 1.0)
     {
         using var scope = NewDisposeScope();
-        var squares = zeros(1, ScalarType.Float32);
+        // Each shard's norm in fp32 (no float64 copy of a shard, which for the embedding's would be hundreds of MiB),
+        // squared and summed in float64.
+        double sum = 0;
         foreach (var flat in AllFlats)
         {
             if (flat.Shard.grad is Tensor g)
             {
-                squares.add_(g.to(ScalarType.Float64).square().sum().to(ScalarType.Float32));
+                double n = g.norm().item<float>();
+                sum += n * n;
             }
         }
+        var squares = tensor(new[] { (float)sum });
         communication.Start();
         Collectives.AllReduce(squares, ReduceOp.Sum);
         communication.Stop();
@@ -196,7 +221,7 @@ public sealed class ShardedModel : IDisposable
     // AdamW's decay groups (matrices decay, vectors do not) and 8-bit AdamW's fp32 embeddings need separate vectors:
     // one flat vector has one weight decay and one moment format.
     private static List<FlatParameter> Flats(string unit, List<(string Name, Parameter Parameter)> parameters, IReadOnlySet<string> embeddings, ICollectives collectives,
-        System.Diagnostics.Stopwatch communication)
+        System.Diagnostics.Stopwatch communication, IReadOnlyDictionary<string, Tensor> masters)
     {
         var groups = new (string Suffix, Func<(string Name, Parameter Parameter), bool> Member)[]
         {
@@ -206,6 +231,6 @@ public sealed class ShardedModel : IDisposable
         };
         // Members are chosen before any vector is built: building one releases its parameters (their shapes become [0]).
         var members = groups.Select(g => (g.Suffix, Members: parameters.Where(g.Member).ToList())).Where(g => g.Members.Count > 0).ToList();
-        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication)).ToList();
+        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication, masters)).ToList();
     }
 }

@@ -166,10 +166,6 @@ public sealed class Trainer
         {
             throw new NotSupportedException("resumable checkpoints of a sharded run (one file per rank) are not implemented yet: drop --state-every under FSDP");
         }
-        if (sharding is not null && this.precision.Mode != Planning.Precision.Fp32)
-        {
-            throw new NotSupportedException($"FSDP trains in fp32 so far (got {PlanNames.Format(this.precision.Mode)}): 16-bit compute with fp32 shard masters is not implemented yet");
-        }
         var format = options.Optimizer == OptimizerKind.AdamW8bit ? MomentFormat.Blockwise8Bit
             : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32;
         Optimizer = sharding is null
@@ -286,11 +282,12 @@ public sealed class Trainer
             precision.ScaleLoss(micro).backward();
             MemoryTrace.Mark("backward");
             precision.AccumulateGradients();
+            // Per micro-batch, so the root's gradients accumulate in the fp32 shard, not in 16-bit parameter gradients.
+            sharding?.FinishBackward();
             loss += micro.item<float>();
         }
         if (sharding is not null)
         {
-            sharding.FinishBackward();
             loss = sharding.SumOverRanks(loss);
         }
         double norm = sharding?.GradientNorm(precision.Unscale) ?? precision.GradientNorm();
