@@ -16,6 +16,7 @@ internal sealed class FlatParameter : IDisposable
     private static readonly Tensor Released = empty(0).DetachFromDisposeScope();
     private readonly ICollectives collectives;
     private readonly System.Diagnostics.Stopwatch communication;
+    private readonly BufferPool? pool;
     private readonly (Parameter Parameter, long[] Shape, long Offset, long Count)[] entries;
     private Tensor? full;
 
@@ -24,11 +25,14 @@ internal sealed class FlatParameter : IDisposable
     /// <param name="parameters">The parameters, in order.</param>
     /// <param name="collectives">The ranks.</param>
     /// <param name="communication">Runs while this vector's collectives run (the time spent communicating).</param>
+    /// <param name="pool">Where gathered and unsharded-gradient buffers are reused between layers (null: allocate each time,
+    /// for the root unit, whose buffers no other unit shares).</param>
     /// <param name="masters">fp32 values of parameters that compute in 16 bits (mixed precision's masters), by name; a
     /// parameter without one is widened from its own value.</param>
     public FlatParameter(string name, IReadOnlyList<(string Name, Parameter Parameter)> parameters, ICollectives collectives, System.Diagnostics.Stopwatch communication,
-        IReadOnlyDictionary<string, Tensor>? masters = null)
+        BufferPool? pool = null, IReadOnlyDictionary<string, Tensor>? masters = null)
     {
+        this.pool = pool;
         Name = name;
         this.collectives = collectives;
         this.communication = communication;
@@ -98,7 +102,7 @@ internal sealed class FlatParameter : IDisposable
         // Every view handle must go with this scope: a stray one (the narrow before the view) keeps the whole buffer's
         // storage alive until the .NET GC finalizes it, and Free would then release nothing.
         using var scope = NewDisposeScope();
-        full = empty(ShardSize * collectives.WorldSize, ComputeDtype).DetachFromDisposeScope();
+        full = Rent(ComputeDtype);
         AllGather(full);
         foreach (var (parameter, shape, start, count) in entries)
         {
@@ -140,7 +144,7 @@ internal sealed class FlatParameter : IDisposable
                 parameter.set_(Released);
             }
         }
-        full.Dispose();
+        Return(full);
         full = null;
     }
 
@@ -153,7 +157,8 @@ internal sealed class FlatParameter : IDisposable
     {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
-        var unsharded = zeros(ShardSize * collectives.WorldSize, ScalarType.Float32);
+        var unsharded = Rent(ScalarType.Float32);
+        unsharded.zero_(); // a reused buffer holds the previous layer's gradients
         foreach (var (parameter, _, start, count) in entries)
         {
             if (parameter.grad is Tensor g)
@@ -167,6 +172,7 @@ internal sealed class FlatParameter : IDisposable
         communication.Start();
         collectives.ReduceScatter(unsharded, mine, ReduceOp.Sum);
         communication.Stop();
+        Return(unsharded);
         if (Shard.grad is Tensor accumulated)
         {
             accumulated.add_(mine);
@@ -174,6 +180,21 @@ internal sealed class FlatParameter : IDisposable
         else
         {
             Shard.grad = mine;
+        }
+    }
+
+    private Tensor Rent(ScalarType dtype) =>
+        pool?.Rent(ShardSize * collectives.WorldSize, dtype) ?? empty(ShardSize * collectives.WorldSize, dtype).DetachFromDisposeScope();
+
+    private void Return(Tensor buffer)
+    {
+        if (pool is null)
+        {
+            buffer.Dispose();
+        }
+        else
+        {
+            pool.Return(buffer);
         }
     }
 

@@ -83,6 +83,7 @@ public sealed class ShardedModel : IDisposable
     private readonly List<FlatParameter> root;
     private readonly List<FsdpLayer> layers = [];
     private readonly System.Diagnostics.Stopwatch communication = new();
+    private readonly BufferPool pool = new();
 
     internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy, IReadOnlyDictionary<string, Tensor> masters)
     {
@@ -97,12 +98,12 @@ public sealed class ShardedModel : IDisposable
             string path = layerPath + i.ToString(System.Globalization.CultureInfo.InvariantCulture);
             var named = decoder[i].named_parameters().Where(p => p.parameter.requires_grad).Select(p => (path + "." + p.name, p.parameter)).ToList();
             inLayers.UnionWith(named.Select(n => n.Item1));
-            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication, masters), strategy);
+            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication, pool, masters), strategy);
             ModuleTree.Replace(model, path, layer);
             layers.Add(layer);
         }
         var rest = model.named_parameters().Where(p => p.parameter.requires_grad && !inLayers.Contains(p.name)).Select(p => (p.name, p.parameter)).ToList();
-        root = Flats("root", rest, embeddings, collectives, communication, masters);
+        root = Flats("root", rest, embeddings, collectives, communication, null, masters);
         foreach (var flat in root)
         {
             flat.Gather();
@@ -212,6 +213,7 @@ public sealed class ShardedModel : IDisposable
         {
             flat.Dispose();
         }
+        pool.Dispose();
     }
 
     internal const string Decay = "/decay";
@@ -221,7 +223,7 @@ public sealed class ShardedModel : IDisposable
     // AdamW's decay groups (matrices decay, vectors do not) and 8-bit AdamW's fp32 embeddings need separate vectors:
     // one flat vector has one weight decay and one moment format.
     private static List<FlatParameter> Flats(string unit, List<(string Name, Parameter Parameter)> parameters, IReadOnlySet<string> embeddings, ICollectives collectives,
-        System.Diagnostics.Stopwatch communication, IReadOnlyDictionary<string, Tensor> masters)
+        System.Diagnostics.Stopwatch communication, BufferPool? pool, IReadOnlyDictionary<string, Tensor> masters)
     {
         var groups = new (string Suffix, Func<(string Name, Parameter Parameter), bool> Member)[]
         {
@@ -231,6 +233,6 @@ public sealed class ShardedModel : IDisposable
         };
         // Members are chosen before any vector is built: building one releases its parameters (their shapes become [0]).
         var members = groups.Select(g => (g.Suffix, Members: parameters.Where(g.Member).ToList())).Where(g => g.Members.Count > 0).ToList();
-        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication, masters)).ToList();
+        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication, pool, masters)).ToList();
     }
 }
