@@ -232,7 +232,7 @@ internal static class TrainCommand
                 CliRunner.Status(RankLine(sharded, result));
             }
             CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
-                $"optimizer state: {MemoryProbe.Mib(trainer.Optimizer.StateBytes)} measured ({trainer.Optimizer.Format}), {MemoryProbe.Mib(report.Estimate.Bytes("optimizer_states"))} predicted; trainable parameters {trainer.Optimizer.Groups.Sum(g => g.Parameters.Sum(p => p.Parameter.numel())):N0}"));
+                $"optimizer state: {MemoryProbe.Mib(trainer.Optimizer.StateBytes)} measured ({trainer.Optimizer.Format}), {MemoryProbe.Mib(report.Estimate.Bytes("optimizer_states"))} predicted; trainable parameters {sharded?.TrainableCount ?? trainer.Optimizer.Groups.Sum(g => g.Parameters.Sum(p => p.Parameter.numel())):N0}{(sharded is null ? "" : $" ({trainer.Optimizer.Groups.Sum(g => g.Parameters.Sum(p => p.Parameter.numel())):N0} in this rank's shards)")}"));
             if (writer)
             {
                 LossCurve.Write(Path.Combine(outFolder, "train_log.jsonl"), Path.Combine(outFolder, "loss.png"));
