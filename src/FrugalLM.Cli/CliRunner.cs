@@ -41,9 +41,19 @@ internal static class CliRunner
 
     public static void Error(string message) => Console.Error.WriteLine($"error: {message}");
 
+    /// <summary>
+    /// True on the ranks other than 0 of a distributed run: status lines are dropped so each appears once (errors still
+    /// print, from every rank).
+    /// </summary>
+    public static bool Quiet { get; set; }
+
     /// <summary>A status line on stderr, so stdout carries only the command's product.</summary>
     public static void Status(string message)
     {
+        if (Quiet)
+        {
+            return;
+        }
         if (Interactive)
         {
             AnsiConsole.Console.Profile.Out.Writer.Flush();

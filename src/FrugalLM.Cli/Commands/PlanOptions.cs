@@ -4,9 +4,10 @@ using FrugalLM.Planning;
 
 namespace FrugalLM.Cli.Commands;
 
-// The runtime has namespaces FrugalLM.Precision and FrugalLM.Checkpointing; these names mean the plan types.
+// The runtime has namespaces FrugalLM.Precision, FrugalLM.Checkpointing and FrugalLM.Sharding; these names mean the plan types.
 using Checkpointing = FrugalLM.Planning.Checkpointing;
 using Precision = FrugalLM.Planning.Precision;
+using Sharding = FrugalLM.Planning.Sharding;
 
 /// <summary>
 /// The options that describe a <see cref="RunPlan"/>, shared by every command that builds one (estimate now,

@@ -1,20 +1,23 @@
 using System.CommandLine;
 using System.Globalization;
+using FrugalLM.Distributed;
 using FrugalLM.Inference;
 using FrugalLM.Lora;
 using FrugalLM.IO;
 using FrugalLM.Models;
 using FrugalLM.Native;
 using FrugalLM.Planning;
+using FrugalLM.Sharding;
 using FrugalLM.Tokenization;
 using FrugalLM.Training;
 using Spectre.Console;
 
 namespace FrugalLM.Cli.Commands;
 
-// The runtime has namespaces FrugalLM.Precision and FrugalLM.Checkpointing; these names mean the plan types.
+// The runtime has namespaces FrugalLM.Precision, FrugalLM.Checkpointing and FrugalLM.Sharding; these names mean the plan types.
 using Checkpointing = FrugalLM.Planning.Checkpointing;
 using Precision = FrugalLM.Planning.Precision;
+using Sharding = FrugalLM.Planning.Sharding;
 
 /// <summary><c>frugal train</c>: train from scratch (<c>--config</c>) or continue training (<c>--model</c>) on a corpus.</summary>
 internal static class TrainCommand
@@ -56,13 +59,14 @@ internal static class TrainCommand
         var seed = new Option<int>("--seed") { Description = "Seed of weight initialization and data order", DefaultValueFactory = _ => 0 };
         var saveDtype = new Option<string>("--save-dtype") { Description = "Dtype of saved weights: float32, bfloat16 or float16", DefaultValueFactory = _ => "float32" };
         var samplePrompt = new Option<string?>("--sample-prompt") { Description = "Print a sample continuation of this prompt before and after training" };
-        var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
+        var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores; under frugal launch, the cores shared among the ranks)" };
+        var fsdp = new Option<string>("--fsdp") { Description = "Shard trainable parameters, gradients and optimizer states across the ranks of 'frugal launch -n N -- train ...': full (FULL_SHARD, ZeRO-3: layers gathered as they run and recomputed in backward), grad-op (SHARD_GRAD_OP, ZeRO-2: gathered weights kept through backward) or none", DefaultValueFactory = _ => "none" };
         var quantize = new QuantizeOptions();
         var command = new Command("train", "Train a LLaMA or OPT model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
-            samplePrompt, threads,
+            samplePrompt, threads, fsdp,
         };
         foreach (var option in quantize.All)
         {
@@ -70,7 +74,20 @@ internal static class TrainCommand
         }
         command.SetAction(pr => CliRunner.Run(() =>
         {
-            TorchRuntime.Initialize(pr.GetValue(threads));
+            var strategy = PlanNames.ParseStrategy(pr.GetValue(fsdp)!);
+            // Under mpirun every rank runs this command; only rank 0 prints progress and writes files.
+            using var collectives = strategy != ShardingStrategy.None || Collectives.LaunchedByMpirun ? Collectives.Create() : null;
+            if (collectives is { WorldSize: > 1 } && strategy == ShardingStrategy.None)
+            {
+                throw new ArgumentException($"{collectives.WorldSize} ranks need --fsdp full or grad-op (without sharding each rank would train its own copy and write the same files)");
+            }
+            bool writer = collectives is null || collectives.Rank == 0;
+            if (!writer)
+            {
+                CliRunner.Quiet = true;
+                Console.SetOut(TextWriter.Null);
+            }
+            TorchRuntime.Initialize(pr.GetValue(threads) ?? (collectives is { WorldSize: > 1 } ? Math.Max(1, Environment.ProcessorCount / collectives.WorldSize) : null));
             var modelFolder = pr.GetValue(model);
             var configFile = pr.GetValue(config);
             if ((modelFolder is null) == (configFile is null))
@@ -83,10 +100,13 @@ internal static class TrainCommand
             }
             var outFolder = pr.GetValue(output)!;
             var savedAs = HfCheckpoint.ParseDtype(pr.GetValue(saveDtype)!);
-            Directory.CreateDirectory(outFolder);
-
             var tokenizerSource = pr.GetValue(tokenizerOption) ?? modelFolder ?? "gpt2";
-            InstallTokenizer(tokenizerSource, outFolder);
+            if (writer)
+            {
+                Directory.CreateDirectory(outFolder);
+                InstallTokenizer(tokenizerSource, outFolder);
+            }
+            collectives?.Barrier(); // the other ranks read the tokenizer rank 0 installed
             var tokenizer = HfTokenizer.Load(outFolder);
             int eos = tokenizer.EosTokenIds.Count > 0
                 ? tokenizer.EosTokenIds[0]
@@ -119,6 +139,7 @@ internal static class TrainCommand
                 MicroBatchSize = pr.GetValue(batch),
                 SequenceLength = pr.GetValue(seq),
                 GradientAccumulationSteps = pr.GetValue(accumulation),
+                Sharding = strategy == ShardingStrategy.None ? Sharding.None : new Sharding(strategy, collectives!.WorldSize),
                 Device = ComputeDevice.Cpu,
             };
             foreach (var warning in plan.Validate())
@@ -156,6 +177,13 @@ internal static class TrainCommand
             {
                 CliRunner.Status($"LoRA: {adapters}");
             }
+            // Sharding comes last (Techniques' order); every rank built the same model from the same seed or folder.
+            using var sharded = strategy == ShardingStrategy.None ? null : Fsdp.Wrap(lm, collectives!, strategy, mixed);
+            if (sharded is not null)
+            {
+                CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
+                    $"fsdp: {PlanNames.Format(strategy)} over {collectives!.WorldSize} rank(s) ({collectives.Backend}); {sharded.TrainableCount:N0} trainable parameters, {MemoryProbe.Mib(sharded.ShardBytes)} of fp32 shards per rank; batch {plan.MicroBatchSize} per rank, {plan.MicroBatchSize * collectives.WorldSize} per step"));
+            }
             var options = new TrainOptions
             {
                 Steps = pr.GetValue(steps),
@@ -175,7 +203,7 @@ internal static class TrainCommand
                 CheckpointEvery = pr.GetValue(stateEvery),
                 CheckpointFolder = Path.Combine(outFolder, "checkpoints"),
             };
-            var trainer = new Trainer(lm, corpus, options, mixed);
+            var trainer = new Trainer(lm, corpus, options, mixed, sharded);
             if (pr.GetValue(resume))
             {
                 var latest = TrainingCheckpoint.Latest(options.CheckpointFolder!)
@@ -183,20 +211,32 @@ internal static class TrainCommand
                 TrainingCheckpoint.Load(trainer, latest);
                 CliRunner.Status($"resumed from {latest} at step {trainer.StepsDone}");
             }
-            generation.Save(outFolder);
-            // A LoRA run saves the adapter (PEFT layout) beside the tokenizer; a full run saves the whole model.
-            Action<int> save = applied.Lora is { } lora
-                ? _ => LoraAdapter.Save(lora, outFolder, baseModelNameOrPath: Path.GetFullPath(modelFolder!), sources: mixed.Masters)
-                : _ => HfCheckpoint.Save(lm, outFolder, savedAs, generation, sources: mixed.Masters);
-            var result = RunWithProgress(trainer, options, save, outFolder, pr.GetValue(resume));
+            if (writer)
+            {
+                generation.Save(outFolder);
+            }
+            // A LoRA run saves the adapter (PEFT layout) beside the tokenizer; a full run saves the whole model. Under FSDP
+            // every rank takes part in gathering the trainable parameters and rank 0 writes them.
+            Action<IEnumerable<(string, TorchSharp.torch.Tensor)>> write = applied.Lora is { } lora
+                ? sources => LoraAdapter.Save(lora, outFolder, baseModelNameOrPath: Path.GetFullPath(modelFolder!), sources: sources)
+                : sources => HfCheckpoint.Save(lm, outFolder, savedAs, generation, sources: sources);
+            Action<int> save = sharded is null ? _ => write(mixed.Masters) : _ => SaveSharded(sharded, write);
+            var result = RunWithProgress(trainer, options, save, writer ? outFolder : null, pr.GetValue(resume));
             if (prompt is not null)
             {
                 Sample("after", lm, tokenizer, prompt);
             }
             CliRunner.Status(report.ComparisonLine(result.PeakBytes));
+            if (sharded is not null)
+            {
+                CliRunner.Status(RankLine(sharded, result));
+            }
             CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
-                $"optimizer state: {MemoryProbe.Mib(trainer.Optimizer.StateBytes)} measured ({trainer.Optimizer.Format}), {MemoryProbe.Mib(report.Estimate.Bytes("optimizer_states"))} predicted; trainable parameters {trainer.Optimizer.Groups.Sum(g => g.Parameters.Sum(p => p.Parameter.numel())):N0}"));
-            LossCurve.Write(Path.Combine(outFolder, "train_log.jsonl"), Path.Combine(outFolder, "loss.png"));
+                $"optimizer state: {MemoryProbe.Mib(trainer.Optimizer.StateBytes)} measured ({trainer.Optimizer.Format}), {MemoryProbe.Mib(report.Estimate.Bytes("optimizer_states"))} predicted; trainable parameters {sharded?.TrainableCount ?? trainer.Optimizer.Groups.Sum(g => g.Parameters.Sum(p => p.Parameter.numel())):N0}{(sharded is null ? "" : $" ({trainer.Optimizer.Groups.Sum(g => g.Parameters.Sum(p => p.Parameter.numel())):N0} in this rank's shards)")}"));
+            if (writer)
+            {
+                LossCurve.Write(Path.Combine(outFolder, "train_log.jsonl"), Path.Combine(outFolder, "loss.png"));
+            }
             Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"done: {result.Steps} steps in {result.Elapsed.TotalMinutes:F1} min; train loss {result.FinalLoss:F3}; held-out loss {result.EvalLoss:F3} (perplexity {result.EvalPerplexity:F2}); {result.TokensPerSecond:F0} tokens/s; peak memory {MemoryProbe.Mib(result.PeakBytes)}; saved to {outFolder}"));
             return ExitCodes.Ok;
@@ -204,13 +244,50 @@ internal static class TrainCommand
         return command;
     }
 
-    private static TrainResult RunWithProgress(Trainer trainer, TrainOptions options, Action<int> save, string outFolder, bool append)
+    // Gathers unit by unit on every rank; rank 0 writes. Rank 0 holds one fp32 copy of the trainable parameters while it
+    // writes (the safetensors writer needs every tensor up front), the other ranks nothing beyond one unit.
+    private static void SaveSharded(ShardedModel sharded, Action<IEnumerable<(string, TorchSharp.torch.Tensor)>> write)
     {
-        using var log = new StreamWriter(Path.Combine(outFolder, "train_log.jsonl"), append);
+        var state = sharded.CollectFullState();
+        try
+        {
+            if (sharded.Collectives.Rank == 0)
+            {
+                write(state);
+            }
+        }
+        finally
+        {
+            foreach (var (_, value) in state)
+            {
+                value.Dispose();
+            }
+        }
+        sharded.Collectives.Barrier(); // no rank finishes before the files are written
+    }
+
+    // Every rank's peak resident set (gathered to all, printed by rank 0), step time and the share spent in collectives.
+    private static string RankLine(ShardedModel sharded, TrainResult result)
+    {
+        var c = sharded.Collectives;
+        using var mine = TorchSharp.torch.tensor(new[] { result.PeakBytes / 1048576f, (float)sharded.CommunicationTime.TotalSeconds });
+        using var all = TorchSharp.torch.empty(2 * c.WorldSize);
+        c.AllGather(mine, all);
+        var values = all.data<float>().ToArray();
+        var peaks = string.Join(", ", Enumerable.Range(0, c.WorldSize).Select(r => string.Create(CultureInfo.InvariantCulture, $"rank {r} {values[2 * r]:F0} MiB")));
+        double train = result.Steps > 0 ? result.Elapsed.TotalSeconds : 0;
+        double comm = Enumerable.Range(0, c.WorldSize).Average(r => values[2 * r + 1]);
+        return string.Create(CultureInfo.InvariantCulture,
+            $"fsdp peak memory per rank: {peaks}; communication {comm:F2} s of {train:F2} s ({100 * comm / Math.Max(1e-9, train):F0}%, mean over ranks); {1000 * train / Math.Max(1, result.Steps):F0} ms per step (evaluation and saving included)");
+    }
+
+    private static TrainResult RunWithProgress(Trainer trainer, TrainOptions options, Action<int> save, string? outFolder, bool append)
+    {
+        using var log = outFolder is null ? null : new StreamWriter(Path.Combine(outFolder, "train_log.jsonl"), append);
         void Record(TrainProgress p)
         {
-            log.WriteLine(System.Text.Json.JsonSerializer.Serialize(p));
-            log.Flush();
+            log?.WriteLine(System.Text.Json.JsonSerializer.Serialize(p));
+            log?.Flush();
         }
         static string Line(TrainProgress p) => string.Create(CultureInfo.InvariantCulture,
             $"step {p.Step}/{p.TotalSteps} loss {p.Loss:F4}{(p.EvalLoss is double e ? $" held-out {e:F4} (ppl {Math.Exp(e):F2})" : "")} lr {p.LearningRate:E2} grad-norm {p.GradNorm:F2}{(p.LossScale is double s ? $" scale {s:G4} skipped {p.SkippedSteps}" : "")} {p.TokensPerSecond:F0} tok/s mem {MemoryProbe.Mib(p.ResidentBytes)} ({p.Elapsed:hh\\:mm\\:ss})");

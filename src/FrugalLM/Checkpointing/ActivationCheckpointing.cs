@@ -39,6 +39,28 @@ public static class ActivationCheckpointing
         return segments;
     }
 
+    /// <summary>
+    /// The backward of a recomputing autograd function: reruns <paramref name="run"/> with gradients on from the saved
+    /// input (<paramref name="saved"/>[0]) and context tensors ([1..3]), replaying the forward's RNG state (saved as bytes
+    /// under "rng"), and differentiates it by <paramref name="gradOutput"/>; parameter gradients accumulate in their grad
+    /// slots. Returns the input whose <c>grad</c> is the input gradient (in the caller's dispose scope).
+    /// </summary>
+    internal static Tensor RecomputeBackward(autograd.AutogradContext ctx, IList<Tensor> saved, Tensor gradOutput, Func<Tensor, DecoderContext, Tensor> run)
+    {
+        var current = get_rng_state();
+        set_rng_state(tensor((byte[])ctx.get_data("rng")));
+        Tensor output;
+        Tensor input;
+        using (enable_grad())
+        {
+            input = saved[0].detach().requires_grad_(true);
+            output = run(input, DecoderContext.FromInputs(saved[1], saved[2], saved[3]));
+        }
+        set_rng_state(current);
+        output.backward([gradOutput]);
+        return input;
+    }
+
     /// <summary>Consecutive layers recomputed together.</summary>
     internal sealed class Segment(nn.Module<Tensor, DecoderContext, Tensor>[] layers)
     {
@@ -93,8 +115,8 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
         {
             return segment.Run(hidden, context);
         }
-        // Absent tensors travel as empty ones: the function's inputs are a fixed list.
-        var inputs = new List<object> { hidden, context.Cos ?? empty(0), context.Sin ?? empty(0), segment, context.AttentionMask ?? empty(0) };
+        var (cos, sin, mask) = context.AsInputs();
+        var inputs = new List<object> { hidden, cos, sin, segment, mask };
         inputs.AddRange(segment.Trainable());
         return CheckpointFunction.apply([.. inputs]);
     }
@@ -125,7 +147,7 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             }
             ctx.save_data("parameters", vars.Length - 5);
             using var noGrad = no_grad();
-            return segment.Run(hidden, Context(cos, sin, mask));
+            return segment.Run(hidden, DecoderContext.FromInputs(cos, sin, mask));
         }
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
@@ -138,30 +160,12 @@ public sealed class CheckpointedLayer : nn.Module<Tensor, DecoderContext, Tensor
             using var scope = NewDisposeScope();
             var saved = ctx.get_saved_variables();
             var segment = (ActivationCheckpointing.Segment)ctx.get_data("segment");
-            var rng = tensor((byte[])ctx.get_data("rng"));
             var parameters = segment.Trainable();
-            var current = get_rng_state();
-            set_rng_state(rng);
-            Tensor output;
-            Tensor input;
-            using (enable_grad())
-            {
-                input = saved[0].detach().requires_grad_(true);
-                output = segment.Run(input, Context(saved[1], saved[2], saved[3]));
-            }
-            set_rng_state(current);
-            output.backward([gradOutput]);
+            var input = ActivationCheckpointing.RecomputeBackward(ctx, saved, gradOutput, segment.Run);
             var inputGrad = input.grad?.MoveToOuterDisposeScope();
             var result = new List<Tensor> { inputGrad!, null!, null!, null!, null! };
             result.AddRange(parameters.Select(_ => (Tensor)null!));
             return AutogradHandles.EndBackward(gradOutput, result);
         }
-
-        private static DecoderContext Context(Tensor cos, Tensor sin, Tensor mask) => new()
-        {
-            Cos = cos.numel() == 0 ? null : cos,
-            Sin = sin.numel() == 0 ? null : sin,
-            AttentionMask = mask.numel() == 0 ? null : mask,
-        };
     }
 }

@@ -324,7 +324,8 @@ public sealed unsafe class MpiCollectives : ICollectives
         if (scratch is null || scratch.numel() < elements)
         {
             scratch?.Dispose();
-            scratch = torch.empty(elements, torch.ScalarType.Float32);
+            // Detached: a caller's dispose scope (FSDP reduces inside each layer's backward scope) would dispose it.
+            scratch = torch.empty(elements, torch.ScalarType.Float32).DetachFromDisposeScope();
         }
         return scratch;
     }

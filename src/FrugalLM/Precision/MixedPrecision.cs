@@ -26,7 +26,7 @@ namespace FrugalLM.Precision;
 public sealed class MixedPrecision : IDisposable
 {
     private readonly List<(string Name, Parameter Model, Tensor? Master)> parameters;
-    private readonly bool accumulateInMasters;
+    private bool accumulateInMasters;
 
     private MixedPrecision(PrecisionMode mode, ScalarType computeDtype, List<(string, Parameter, Tensor?)> parameters, bool accumulateInMasters, LossScaler? scaler)
     {
@@ -230,6 +230,22 @@ public sealed class MixedPrecision : IDisposable
     /// <summary>The fp32 masters by name, for checkpoints (empty without masters).</summary>
     public IEnumerable<(string Name, Tensor Master)> Masters =>
         parameters.Where(p => p.Master is not null).Select(p => (p.Name, p.Master!));
+
+    /// <summary>
+    /// Hands the fp32 masters over to a new owner (FSDP, which keeps only its shard of them) and forgets them: from now on
+    /// <see cref="SyncWeights"/>, <see cref="AccumulateGradients"/> and <see cref="Masters"/> see no masters, and the
+    /// memory goes as soon as the receiver disposes the returned tensors.
+    /// </summary>
+    public IReadOnlyList<(string Name, Tensor Master)> TakeMasters()
+    {
+        var taken = Masters.ToList();
+        for (int i = 0; i < parameters.Count; i++)
+        {
+            parameters[i] = (parameters[i].Name, parameters[i].Model, null);
+        }
+        accumulateInMasters = false;
+        return taken;
+    }
 
     /// <inheritdoc />
     public void Dispose()

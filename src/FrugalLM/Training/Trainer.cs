@@ -4,6 +4,7 @@ using FrugalLM.Models.Llama;
 using FrugalLM.Native;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
+using FrugalLM.Sharding;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -143,22 +144,37 @@ public sealed class Trainer
     private readonly TrainOptions options;
     private readonly MixedPrecision precision;
     private readonly CosineSchedule schedule;
+    private readonly ShardedModel? sharding;
 
     /// <summary>Prepares training; <paramref name="precision"/> defaults to fp32 (no conversion).</summary>
-    public Trainer(CausalLM model, ITrainingData data, TrainOptions options, MixedPrecision? precision = null)
+    /// <param name="model">The model.</param>
+    /// <param name="data">Training and held-out data.</param>
+    /// <param name="options">The settings.</param>
+    /// <param name="precision">The precision policy.</param>
+    /// <param name="sharding">The model's FSDP sharding (<see cref="Fsdp.Wrap"/>): the optimizer then steps this rank's shards,
+    /// each rank takes its slice of every global batch of <see cref="TrainOptions.MicroBatch"/> x world size sequences, and
+    /// losses, token counts and the gradient norm are global.</param>
+    public Trainer(CausalLM model, ITrainingData data, TrainOptions options, MixedPrecision? precision = null, ShardedModel? sharding = null)
     {
         options.Validate();
         this.model = model;
         this.data = data;
         this.options = options;
+        this.sharding = sharding;
         this.precision = precision ?? MixedPrecision.Apply(model, Planning.Precision.Fp32);
-        Optimizer = new AdamW(
-            AdamW.DecayGroups(this.precision.OptimizerParameters, options.WeightDecay),
-            options.LearningRate, options.Beta1, options.Beta2, options.Eps,
-            this.precision.GradientOf,
-            options.Optimizer == OptimizerKind.AdamW8bit ? MomentFormat.Blockwise8Bit
-                : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32,
-            EmbeddingParameterNames(model));
+        if (sharding is not null && options.CheckpointEvery > 0)
+        {
+            throw new NotSupportedException("resumable checkpoints of a sharded run (one file per rank) are not implemented yet: drop --state-every under FSDP");
+        }
+        var format = options.Optimizer == OptimizerKind.AdamW8bit ? MomentFormat.Blockwise8Bit
+            : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32;
+        Optimizer = sharding is null
+            ? new AdamW(
+                AdamW.DecayGroups(this.precision.OptimizerParameters, options.WeightDecay),
+                options.LearningRate, options.Beta1, options.Beta2, options.Eps,
+                this.precision.GradientOf, format, EmbeddingParameterNames(model))
+            : new AdamW(sharding.OptimizerGroups(options.WeightDecay), options.LearningRate, options.Beta1, options.Beta2, options.Eps,
+                null, format, sharding.EmbeddingFlats);
         schedule = new CosineSchedule(
             options.LearningRate,
             options.MinLearningRate ?? options.LearningRate / 10,
@@ -252,8 +268,12 @@ public sealed class Trainer
     {
         using var step = StepScope.Begin(trimHeap: true);
         precision.ZeroGradients();
+        sharding?.ZeroGradients();
         MemoryTrace.Mark("start");
-        double counted = Math.Max(1, microBatches.Sum(b => b.LabelCount));
+        // Under FSDP every rank divides by the tokens of the whole global step and gradients are summed over ranks, so a
+        // step equals one rank's step over the concatenated batches even when ranks count different numbers of labels.
+        long labels = microBatches.Sum(b => b.LabelCount);
+        double counted = Math.Max(1, sharding?.SumOverRanks(labels) ?? labels);
         double loss = 0;
         foreach (var batch in microBatches)
         {
@@ -262,9 +282,15 @@ public sealed class Trainer
             precision.ScaleLoss(micro).backward();
             MemoryTrace.Mark("backward");
             precision.AccumulateGradients();
+            // Per micro-batch, so the root's gradients accumulate in the fp32 shard, not in 16-bit parameter gradients.
+            sharding?.FinishBackward();
             loss += micro.item<float>();
         }
-        double norm = precision.GradientNorm();
+        if (sharding is not null)
+        {
+            loss = sharding.SumOverRanks(loss);
+        }
+        double norm = sharding?.GradientNorm(precision.Unscale) ?? precision.GradientNorm();
         MemoryTrace.Mark("norm");
         bool overflow = double.IsNaN(norm) || double.IsInfinity(norm);
         if (!overflow)
@@ -274,9 +300,11 @@ public sealed class Trainer
             Optimizer.Step(precision.Unscale * clip);
             MemoryTrace.Mark("optimizer");
             precision.SyncWeights();
+            sharding?.SyncWeights();
         }
         precision.Scaler?.Update(overflow);
         precision.ZeroGradients(); // no gradient memory through evaluation, samples and checkpoints between steps
+        sharding?.ZeroGradients();
         return new StepResult(loss, norm, overflow);
     }
 
@@ -290,6 +318,12 @@ public sealed class Trainer
     /// <summary>Sum of next-token losses over the counted positions of <paramref name="batch"/>.</summary>
     public Tensor LossSum(TrainingBatch batch) => Evaluation.LossSum(model, batch, options.LossChunk);
 
+    private static TrainingBatch RowsOf(TrainingBatch batch, int first, int rows)
+    {
+        int start = first * batch.Columns, length = rows * batch.Columns;
+        return new TrainingBatch(batch.Inputs.AsSpan(start, length).ToArray(), batch.Labels.AsSpan(start, length).ToArray(), rows, batch.Columns);
+    }
+
     private static List<TrainingBatch> Take(IEnumerator<TrainingBatch> batches, int count)
     {
         var result = new List<TrainingBatch>(count);
@@ -301,25 +335,29 @@ public sealed class Trainer
         return result;
     }
 
-    // An endless stream from the current data position; the position advances as batches are taken.
+    // An endless stream from the current data position; the position advances as batches are taken. Under FSDP the
+    // stream is of global batches (micro-batch x world size, the same order on every rank) and rank r takes rows
+    // [r x micro-batch, (r + 1) x micro-batch) of each, so N ranks see exactly the samples one rank sees with N times the batch.
     private IEnumerable<TrainingBatch> Batches()
     {
         var (epoch, skip) = DataPosition;
+        int world = sharding?.Collectives.WorldSize ?? 1;
+        int rank = sharding?.Collectives.Rank ?? 0;
         for (; ; epoch++, skip = 0)
         {
             int index = 0;
-            foreach (var batch in data.TrainBatches(options.MicroBatch, options.Seed, epoch))
+            foreach (var batch in data.TrainBatches(options.MicroBatch * world, options.Seed, epoch))
             {
                 if (index++ < skip)
                 {
                     continue;
                 }
                 DataPosition = (epoch, index);
-                yield return batch;
+                yield return world == 1 ? batch : RowsOf(batch, rank * options.MicroBatch, options.MicroBatch);
             }
             if (index == 0)
             {
-                throw new DataException($"the data has {data.TrainSequences} training sequences: fewer than one batch of {options.MicroBatch}");
+                throw new DataException($"the data has {data.TrainSequences} training sequences: fewer than one batch of {options.MicroBatch * world}");
             }
         }
     }

@@ -22,4 +22,18 @@ public sealed class DecoderContext
 
     /// <summary>Positions before this pass's tokens (the cache's length).</summary>
     public long PastLength { get; init; }
+
+    /// <summary>
+    /// The tensors a custom autograd function passes for a training pass (no cache): absent ones as empty tensors,
+    /// because a function's inputs are a fixed list.
+    /// </summary>
+    internal (Tensor Cos, Tensor Sin, Tensor Mask) AsInputs() => (Cos ?? empty(0), Sin ?? empty(0), AttentionMask ?? empty(0));
+
+    /// <summary>The context of a training pass rebuilt from <see cref="AsInputs"/>.</summary>
+    internal static DecoderContext FromInputs(Tensor cos, Tensor sin, Tensor mask) => new()
+    {
+        Cos = cos.numel() == 0 ? null : cos,
+        Sin = sin.numel() == 0 ? null : sin,
+        AttentionMask = mask.numel() == 0 ? null : mask,
+    };
 }

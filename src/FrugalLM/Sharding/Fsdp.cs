@@ -1,0 +1,238 @@
+using FrugalLM.Distributed;
+using FrugalLM.Models;
+using FrugalLM.Models.Llama;
+using FrugalLM.Planning;
+using FrugalLM.Precision;
+using FrugalLM.Training;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace FrugalLM.Sharding;
+
+/// <summary>
+/// Fully sharded data parallelism (FSDP, ZeRO) over <see cref="ICollectives"/>: each decoder layer's trainable parameters
+/// become flat vectors sharded across ranks (one unit per layer, plus a root unit for the embeddings, final norm and
+/// head), each rank keeps only its fp32 shards (the masters the optimizer steps), and a layer is all-gathered when it
+/// runs. Frozen parameters (a LoRA run's base, int8 weights) are not sharded: every rank keeps them whole, and only
+/// trainable parameters' gradients are reduced.
+/// </summary>
+public static class Fsdp
+{
+    /// <summary>
+    /// Shards <paramref name="model"/>'s trainable parameters in place and wraps its decoder layers. Every rank must call
+    /// it with the same model (same seed or the same folder). Apply it last, after LoRA and precision.
+    /// </summary>
+    /// <param name="model">The model, every other technique applied.</param>
+    /// <param name="collectives">The ranks.</param>
+    /// <param name="strategy"><see cref="ShardingStrategy.FullShard"/> or <see cref="ShardingStrategy.ShardGradOp"/>.</param>
+    /// <param name="precision">The model's mixed precision, when it computes in 16 bits with fp32 masters: FSDP takes the
+    /// masters over (<see cref="MixedPrecision.TakeMasters"/>), keeps its fp32 shard of them, gathers layers in 16 bits
+    /// and reduces gradients in fp32. Without it, trainable parameters must be fp32 (or carry no masters).</param>
+    public static ShardedModel Wrap(CausalLM model, ICollectives collectives, ShardingStrategy strategy, MixedPrecision? precision = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(collectives);
+        if (strategy == ShardingStrategy.None)
+        {
+            throw new ArgumentException("FSDP needs a strategy: full or grad-op", nameof(strategy));
+        }
+        if (model.DecoderLayers.Any(l => l is FsdpLayer))
+        {
+            throw new InvalidOperationException("FSDP is already applied to this model");
+        }
+        if (model.DecoderLayers.Any(l => l is Checkpointing.CheckpointedLayer))
+        {
+            // FULL_SHARD already recomputes every layer in backward; checkpointing under it would recompute twice.
+            throw new NotSupportedException("FSDP does not compose with --grad-checkpointing yet (--fsdp full already recomputes each layer in backward)");
+        }
+        if (precision?.Mode == Planning.Precision.Bf16Pure)
+        {
+            throw new NotSupportedException("FSDP keeps fp32 shard masters: use --precision bf16 (not bf16-pure)");
+        }
+        var masters = precision?.TakeMasters() ?? [];
+        try
+        {
+            return new ShardedModel(model, collectives, strategy, masters.ToDictionary(m => m.Name, m => m.Master, StringComparer.Ordinal));
+        }
+        finally
+        {
+            // The full fp32 masters go now: each rank keeps only its shard of them.
+            foreach (var (_, master) in masters)
+            {
+                master.grad?.Dispose();
+                master.Dispose();
+            }
+        }
+    }
+}
+
+/// <summary>
+/// A model whose trainable parameters are sharded by <see cref="Fsdp.Wrap"/>. The trainer drives it: the optimizer steps
+/// <see cref="OptimizerGroups"/> (the shards), <see cref="FinishBackward"/> reduces the root unit's gradients after
+/// backward (the layers' are reduced during backward), <see cref="GradientNorm"/> is global over ranks, and
+/// <see cref="SyncWeights"/> refreshes the gathered root after a step.
+/// </summary>
+/// <remarks>
+/// The root unit (embeddings, final norm, untied head) stays gathered for the whole run: the embedding runs first in
+/// forward and its gradient arrives last in backward, and the head is used at both ends too, so as in PyTorch's FSDP
+/// the root is not resharded between forward and backward; here it is not resharded between steps either (it is
+/// re-gathered in place after each optimizer step). Its gradients, masters and optimizer states are sharded.
+/// </remarks>
+public sealed class ShardedModel : IDisposable
+{
+    private readonly List<FlatParameter> root;
+    private readonly List<FsdpLayer> layers = [];
+    private readonly System.Diagnostics.Stopwatch communication = new();
+    private readonly BufferPool pool = new();
+
+    internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy, IReadOnlyDictionary<string, Tensor> masters)
+    {
+        Collectives = collectives;
+        Strategy = strategy;
+        var embeddings = Trainer.EmbeddingParameterNames(model);
+        var layerPath = model.DecoderLayersPath + ".";
+        var decoder = model.DecoderLayers;
+        var inLayers = new HashSet<string>(StringComparer.Ordinal);
+        for (int i = 0; i < decoder.Count; i++)
+        {
+            string path = layerPath + i.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            var named = decoder[i].named_parameters().Where(p => p.parameter.requires_grad).Select(p => (path + "." + p.name, p.parameter)).ToList();
+            inLayers.UnionWith(named.Select(n => n.Item1));
+            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication, pool, masters), strategy);
+            ModuleTree.Replace(model, path, layer);
+            layers.Add(layer);
+        }
+        var rest = model.named_parameters().Where(p => p.parameter.requires_grad && !inLayers.Contains(p.name)).Select(p => (p.name, p.parameter)).ToList();
+        root = Flats("root", rest, embeddings, collectives, communication, null, masters);
+        foreach (var flat in root)
+        {
+            flat.Gather();
+        }
+    }
+
+    /// <summary>The ranks.</summary>
+    public ICollectives Collectives { get; }
+
+    /// <summary>The sharding strategy.</summary>
+    public ShardingStrategy Strategy { get; }
+
+    private IEnumerable<FlatParameter> AllFlats => root.Concat(layers.SelectMany(l => l.Flats));
+
+    /// <summary>What the optimizer steps: this rank's fp32 shards, by flat vector name (decay groups are separate vectors).</summary>
+    public IReadOnlyList<ParameterGroup> OptimizerGroups(double weightDecay) =>
+    [
+        new ParameterGroup(AllFlats.Where(f => !f.Name.EndsWith(NoDecay, StringComparison.Ordinal)).Select(f => (f.Name, f.Shard)).ToList(), weightDecay),
+        new ParameterGroup(AllFlats.Where(f => f.Name.EndsWith(NoDecay, StringComparison.Ordinal)).Select(f => (f.Name, f.Shard)).ToList(), 0.0),
+    ];
+
+    /// <summary>Names of the flat vectors that hold embedding tables (8-bit AdamW keeps their moments in fp32).</summary>
+    public IReadOnlySet<string> EmbeddingFlats => AllFlats.Where(f => f.Name.EndsWith(Embedding, StringComparison.Ordinal)).Select(f => f.Name).ToHashSet(StringComparer.Ordinal);
+
+    /// <summary>Time this rank has spent in collectives since wrapping (gathers, reduce-scatters, the norm's and losses' all-reduces).</summary>
+    public TimeSpan CommunicationTime => communication.Elapsed;
+
+    /// <summary>Trainable parameters (without padding) across all ranks.</summary>
+    public long TrainableCount => AllFlats.Sum(f => f.Count);
+
+    /// <summary>Bytes this rank holds in fp32 master shards.</summary>
+    public long ShardBytes => AllFlats.Sum(f => f.ShardSize * 4);
+
+    /// <summary>After the last micro-batch's backward: reduce-scatters the root unit's gradients (the layers' already are).</summary>
+    public void FinishBackward()
+    {
+        foreach (var flat in root)
+        {
+            flat.ReduceGradients();
+        }
+    }
+
+    /// <summary>
+    /// The global L2 norm of the shard gradients, times <paramref name="scale"/>: each rank's sum of squares, all-reduced.
+    /// Padding contributes zeros, so this equals the norm of the unsharded gradients up to summation order.
+    /// </summary>
+    public double GradientNorm(double scale = 1.0)
+    {
+        using var scope = NewDisposeScope();
+        // Each shard's norm in fp32 (no float64 copy of a shard, which for the embedding's would be hundreds of MiB),
+        // squared and summed in float64.
+        double sum = 0;
+        foreach (var flat in AllFlats)
+        {
+            if (flat.Shard.grad is Tensor g)
+            {
+                double n = g.norm().item<float>();
+                sum += n * n;
+            }
+        }
+        var squares = tensor(new[] { (float)sum });
+        communication.Start();
+        Collectives.AllReduce(squares, ReduceOp.Sum);
+        communication.Stop();
+        return Math.Sqrt(squares.item<float>()) * scale;
+    }
+
+    /// <summary>Sums <paramref name="value"/> over ranks (losses and token counts; fp32, exact for integers below 2^24).</summary>
+    public double SumOverRanks(double value)
+    {
+        using var t = tensor(new[] { (float)value });
+        communication.Start();
+        Collectives.AllReduce(t, ReduceOp.Sum);
+        communication.Stop();
+        return t.item<float>();
+    }
+
+    /// <summary>After an optimizer step: gathers the updated shards into the root unit's full parameters.</summary>
+    public void SyncWeights()
+    {
+        foreach (var flat in root)
+        {
+            flat.Refresh();
+        }
+    }
+
+    /// <summary>Releases the shards' gradients.</summary>
+    public void ZeroGradients()
+    {
+        foreach (var flat in AllFlats)
+        {
+            flat.Shard.grad = null;
+        }
+    }
+
+    /// <summary>
+    /// Every trainable parameter's full fp32 value by name, gathered unit by unit, on rank 0 (an empty list on the other
+    /// ranks). Every rank must call it (it runs collectives). Rank 0 ends up holding one full copy of the trainable
+    /// parameters for as long as it keeps the list (a save then streams them out).
+    /// </summary>
+    public List<(string Name, Tensor Value)> CollectFullState() => AllFlats.SelectMany(f => f.Collect()).ToList();
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        foreach (var flat in AllFlats)
+        {
+            flat.Dispose();
+        }
+        pool.Dispose();
+    }
+
+    internal const string Decay = "/decay";
+    internal const string NoDecay = "/no-decay";
+    internal const string Embedding = "/embedding";
+
+    // AdamW's decay groups (matrices decay, vectors do not) and 8-bit AdamW's fp32 embeddings need separate vectors:
+    // one flat vector has one weight decay and one moment format.
+    private static List<FlatParameter> Flats(string unit, List<(string Name, Parameter Parameter)> parameters, IReadOnlySet<string> embeddings, ICollectives collectives,
+        System.Diagnostics.Stopwatch communication, BufferPool? pool, IReadOnlyDictionary<string, Tensor> masters)
+    {
+        var groups = new (string Suffix, Func<(string Name, Parameter Parameter), bool> Member)[]
+        {
+            (Embedding, p => embeddings.Contains(p.Name)),
+            (Decay, p => !embeddings.Contains(p.Name) && p.Parameter.dim() >= 2),
+            (NoDecay, p => p.Parameter.dim() < 2),
+        };
+        // Members are chosen before any vector is built: building one releases its parameters (their shapes become [0]).
+        var members = groups.Select(g => (g.Suffix, Members: parameters.Where(g.Member).ToList())).Where(g => g.Members.Count > 0).ToList();
+        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication, pool, masters)).ToList();
+    }
+}
