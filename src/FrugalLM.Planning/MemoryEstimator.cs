@@ -254,7 +254,25 @@ public static class MemoryEstimator
                 ? $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (12 + {ActivationModel.LogitsBytes16(plan)}) B"
                 : $"b x s x vocab x (12 + {ActivationModel.LogitsBytes16(plan)}) B"));
 
+        // A tied embedding is differentiated last, when the activations are gone: libtorch's embedding backward makes a
+        // dense [vocab, hidden] gradient while the head's is still held, and autograd adds the two into a third
+        // (measured with FRUGAL_MEMTRACE's backward marks on llama-100m with vocab 50257: +294 MiB = 2 x 147 MiB above the
+        // resident set where the embedding's backward begins). An untied embedding's dense gradient is its final one.
+        long embeddingGradients = t[EmbeddingUnit].Gradients;
+        if (t.Tied && embeddingGradients > 0)
+        {
+            list.Add(new("embedding_backward", "tied embedding's dense gradient and its sum with the head's", 2 * embeddingGradients,
+                MemoryTier.Device, Phases.BackwardEnd, $"2 x vocab x hidden x {a} B"));
+        }
+
         // Buffers of sharding and offloading.
+        if (ranks > 1 && headGradients > headShare)
+        {
+            // The root unit (embeddings, final norm, head) stays gathered, so autograd gives every rank its full gradients,
+            // which live from the head's backward until the reduce-scatter after the micro-batch.
+            list.Add(new("fsdp_root_gradients", "FSDP root unit's full gradients before reduce-scatter (beyond this rank's share)",
+                headGradients - headShare, MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "root gradients x (1 - 1/ranks)"));
+        }
         if (fullShard)
         {
             long gathered = t[EmbeddingUnit].Weights + t[HeadUnit].Weights + 2 * t.LargestLayer(u => u.Weights);

@@ -307,6 +307,32 @@ public sealed class MemoryEstimatorTests
     }
 
     [Fact]
+    public void ATiedEmbeddingsBackwardAddsTwoDenseGradientsAtTheEnd()
+    {
+        var config = new LlamaConfig
+        {
+            VocabSize = 100, HiddenSize = 16, IntermediateSize = 40, NumHiddenLayers = 2, NumAttentionHeads = 4,
+            NumKeyValueHeads = 2, HeadDim = 4, MaxPositionEmbeddings = 64, TieWordEmbeddings = true,
+        };
+        var tied = Tiny.Plan(ModelSpec.FromLlama(config, "tiny-tied"));
+        var e = MemoryEstimator.Estimate(tied);
+        // The embedding's dense gradient (100 x 16 x 4 B = 6,400) and its sum with the head's: 12,800, at backward end only.
+        Assert.Equal(12_800, e.Bytes("embedding_backward"));
+        Assert.Equal(Phases.BackwardEnd, e.Components.Single(c => c.Key == "embedding_backward").LiveIn);
+        // Untied: the embedding's dense gradient is its final one, already counted.
+        Assert.Equal(0, MemoryEstimator.Estimate(Tiny.Plan()).Bytes("embedding_backward"));
+        // A frozen embedding (LoRA) is not differentiated.
+        Assert.Equal(0, MemoryEstimator.Estimate(tied with { Lora = new LoraSettings(8, 16, ["q_proj"], 0) }).Bytes("embedding_backward"));
+
+        // FSDP at 2 ranks: the root unit's full gradients (tied embedding 6,400 + final norm 64) live until the
+        // reduce-scatter, half of them beyond this rank's share.
+        var sharded = MemoryEstimator.Estimate(tied with { Sharding = new Sharding(ShardingStrategy.FullShard, 2) });
+        Assert.Equal(3_232, sharded.Bytes("gradients_head"));
+        Assert.Equal(6_464 - 3_232, sharded.Bytes("fsdp_root_gradients"));
+        Assert.Equal(0, e.Bytes("fsdp_root_gradients"));
+    }
+
+    [Fact]
     public void OffloadPlacesComponentsOnTiers()
     {
         var optimizer = MemoryEstimator.Estimate(Tiny.Plan() with { Offload = OffloadPolicy.Optimizer });

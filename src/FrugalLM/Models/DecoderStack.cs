@@ -16,6 +16,6 @@ public static class DecoderStack
     public static Tensor RunLayer(nn.Module<Tensor, DecoderContext, Tensor> layer, Tensor hidden, DecoderContext context)
     {
         using var scope = NewDisposeScope();
-        return layer.forward(hidden, context).MoveToOuterDisposeScope();
+        return FrugalLM.Native.MemoryTrace.MarkInBackward(layer.forward(hidden, context), "bwd-layer").MoveToOuterDisposeScope();
     }
 }

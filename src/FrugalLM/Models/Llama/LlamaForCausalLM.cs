@@ -47,7 +47,7 @@ public sealed class LlamaModel : nn.Module<Tensor, KvCache?, Tensor>
         using var scope = NewDisposeScope();
         long t = inputIds.shape[1];
         long past = cache?.Length ?? 0;
-        var hidden = embedTokens.forward(inputIds);
+        var hidden = Native.MemoryTrace.MarkInBackward(embedTokens.forward(inputIds), "bwd-embed");
         var (cos, sin) = Rotary.Tables(tensor(inverseFrequencies), past, t);
         var context = new DecoderContext
         {
@@ -62,7 +62,7 @@ public sealed class LlamaModel : nn.Module<Tensor, KvCache?, Tensor>
             hidden = DecoderStack.RunLayer(layer, hidden, context);
         }
         cache?.Advance((int)t);
-        return norm.forward(hidden).MoveToOuterDisposeScope();
+        return Native.MemoryTrace.MarkInBackward(norm.forward(hidden), "bwd-head").MoveToOuterDisposeScope();
     }
 
     private bool NeedsMask(long past, long t) =>
