@@ -27,7 +27,7 @@ internal static class CliRunner
         {
             return body();
         }
-        catch (Exception e) when (e is CheckpointFormatException or ModelConfigException or PlanException or TokenizerException or DataException or ArgumentException or FileNotFoundException or DirectoryNotFoundException)
+        catch (Exception e) when (e is CheckpointFormatException or ModelConfigException or PlanException or TokenizerException or DataException or ArgumentException or Distributed.BackendUnavailableException or FileNotFoundException or DirectoryNotFoundException)
         {
             Error(e.Message);
             return ExitCodes.BadInput;

@@ -9,12 +9,12 @@ namespace FrugalLM.Distributed;
 /// </summary>
 internal static unsafe class CollectiveChecks
 {
-    public static void Tensor(torch.Tensor tensor, string name, string collective)
+    public static void Tensor(torch.Tensor tensor, string name, string collective, DeviceType device = DeviceType.CPU)
     {
         ArgumentNullException.ThrowIfNull(tensor, name);
-        if (tensor.device_type != DeviceType.CPU)
+        if (tensor.device_type != device)
         {
-            throw new ArgumentException($"{collective}: {name} is on {tensor.device_type}; the collectives take CPU tensors", name);
+            throw new ArgumentException($"{collective}: {name} is on {tensor.device_type}; this backend takes {device} tensors", name);
         }
         if (tensor.dtype is not (torch.ScalarType.Float32 or torch.ScalarType.BFloat16))
         {
@@ -35,17 +35,17 @@ internal static unsafe class CollectiveChecks
     }
 
     // An input and an output buffer of one collective: each usable, both of one dtype.
-    private static void Pair(torch.Tensor input, torch.Tensor output, string collective)
+    private static void Pair(torch.Tensor input, torch.Tensor output, string collective, DeviceType device)
     {
-        Tensor(input, nameof(input), collective);
-        Tensor(output, nameof(output), collective);
+        Tensor(input, nameof(input), collective, device);
+        Tensor(output, nameof(output), collective, device);
         SameType(input, output, collective);
     }
 
-    public static void AllGather(torch.Tensor input, torch.Tensor output, int worldSize)
+    public static void AllGather(torch.Tensor input, torch.Tensor output, int worldSize, DeviceType device = DeviceType.CPU)
     {
         const string name = "all-gather";
-        Pair(input, output, name);
+        Pair(input, output, name, device);
         long n = input.numel();
         if (output.numel() != n * worldSize)
         {
@@ -54,10 +54,10 @@ internal static unsafe class CollectiveChecks
         }
     }
 
-    public static void ReduceScatter(torch.Tensor input, torch.Tensor output, int worldSize)
+    public static void ReduceScatter(torch.Tensor input, torch.Tensor output, int worldSize, DeviceType device = DeviceType.CPU)
     {
         const string name = "reduce-scatter";
-        Pair(input, output, name);
+        Pair(input, output, name, device);
         long n = input.numel();
         if (n % worldSize != 0)
         {
