@@ -18,7 +18,9 @@ internal sealed class FlatParameter : IDisposable
     private readonly System.Diagnostics.Stopwatch communication;
     private readonly BufferPool? pool;
     private readonly (Parameter Parameter, long[] Shape, long Offset, long Count)[] entries;
+    private readonly PrefetchQueue? prefetch;
     private Tensor? full;
+    private Tensor? prefetched;
 
     /// <summary>Flattens <paramref name="parameters"/> (their current values become the shards) and releases their memory.</summary>
     /// <param name="name">The vector's name.</param>
@@ -29,10 +31,12 @@ internal sealed class FlatParameter : IDisposable
     /// for the root unit, whose buffers no other unit shares).</param>
     /// <param name="masters">fp32 values of parameters that compute in 16 bits (mixed precision's masters), by name; a
     /// parameter without one is widened from its own value.</param>
+    /// <param name="prefetch">Where <see cref="Prefetch"/> queues background gathers (null: this vector is never prefetched).</param>
     public FlatParameter(string name, IReadOnlyList<(string Name, Parameter Parameter)> parameters, ICollectives collectives, System.Diagnostics.Stopwatch communication,
-        BufferPool? pool = null, IReadOnlyDictionary<string, Tensor>? masters = null)
+        BufferPool? pool = null, IReadOnlyDictionary<string, Tensor>? masters = null, PrefetchQueue? prefetch = null)
     {
         this.pool = pool;
+        this.prefetch = prefetch;
         Name = name;
         this.collectives = collectives;
         this.communication = communication;
@@ -102,12 +106,51 @@ internal sealed class FlatParameter : IDisposable
         // Every view handle must go with this scope: a stray one (the narrow before the view) keeps the whole buffer's
         // storage alive until the .NET GC finalizes it, and Free would then release nothing.
         using var scope = NewDisposeScope();
-        full = Rent(ComputeDtype);
-        AllGather(full);
+        if (prefetched is not null)
+        {
+            // Started while the previous layer computed; what is left to wait for is the communication not hidden.
+            communication.Start();
+            prefetch!.Drain();
+            communication.Stop();
+            full = prefetched;
+            prefetched = null;
+        }
+        else
+        {
+            full = Rent(ComputeDtype);
+            AllGather(full);
+        }
         foreach (var (parameter, shape, start, count) in entries)
         {
             parameter.set_(full.narrow(0, start, count).view(shape));
         }
+    }
+
+    /// <summary>
+    /// Starts gathering the full parameters on the prefetch queue's thread, into a buffer that the next
+    /// <see cref="Gather"/> adopts (no-op when gathered, already prefetching, or built without a queue).
+    /// </summary>
+    public void Prefetch()
+    {
+        if (prefetch is null || full is not null || prefetched is not null)
+        {
+            return;
+        }
+        var buffer = Rent(ComputeDtype);
+        // The 16-bit copy of the shard is made here, on the layer thread; the queue's thread only moves memory.
+        Tensor shard;
+        using (no_grad())
+        {
+            shard = (ComputeDtype == ScalarType.Float32 ? Shard.detach() : Shard.detach().to(ComputeDtype)).DetachFromDisposeScope();
+        }
+        prefetched = buffer;
+        prefetch.Enqueue(() =>
+        {
+            using (shard)
+            {
+                collectives.AllGather(shard, buffer);
+            }
+        });
     }
 
     /// <summary>Gathers the updated shards into the already gathered parameters (after an optimizer step).</summary>
@@ -126,6 +169,7 @@ internal sealed class FlatParameter : IDisposable
     {
         using var shard = output.dtype == ScalarType.Float32 ? Shard.detach() : Shard.detach().to(output.dtype);
         communication.Start();
+        prefetch?.Drain();
         collectives.AllGather(shard, output);
         communication.Stop();
     }
@@ -170,6 +214,7 @@ internal sealed class FlatParameter : IDisposable
         }
         var mine = empty(ShardSize, ScalarType.Float32);
         communication.Start();
+        prefetch?.Drain();
         collectives.ReduceScatter(unsharded, mine, ReduceOp.Sum);
         communication.Stop();
         Return(unsharded);
@@ -223,6 +268,12 @@ internal sealed class FlatParameter : IDisposable
     /// <inheritdoc />
     public void Dispose()
     {
+        if (prefetched is not null)
+        {
+            prefetch!.Drain();
+            Return(prefetched);
+            prefetched = null;
+        }
         Free();
         Shard.grad?.Dispose();
         Shard.Dispose();

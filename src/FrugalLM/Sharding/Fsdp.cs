@@ -84,6 +84,7 @@ public sealed class ShardedModel : IDisposable
     private readonly List<FsdpLayer> layers = [];
     private readonly System.Diagnostics.Stopwatch communication = new();
     private readonly BufferPool pool = new();
+    private readonly PrefetchQueue prefetch = new();
 
     internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy, IReadOnlyDictionary<string, Tensor> masters)
     {
@@ -98,12 +99,19 @@ public sealed class ShardedModel : IDisposable
             string path = layerPath + i.ToString(System.Globalization.CultureInfo.InvariantCulture);
             var named = decoder[i].named_parameters().Where(p => p.parameter.requires_grad).Select(p => (path + "." + p.name, p.parameter)).ToList();
             inLayers.UnionWith(named.Select(n => n.Item1));
-            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication, pool, masters), strategy);
+            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication, pool, masters, prefetch), strategy);
             ModuleTree.Replace(model, path, layer);
+            // FRUGAL_FSDP_PREFETCH=0 turns prefetching off, to measure what it hides.
+            if (layers.Count > 0 && Environment.GetEnvironmentVariable("FRUGAL_FSDP_PREFETCH") != "0")
+            {
+                layers[^1].Next = layer;
+                layer.Previous = layers[^1];
+            }
             layers.Add(layer);
         }
         var rest = model.named_parameters().Where(p => p.parameter.requires_grad && !inLayers.Contains(p.name)).Select(p => (p.name, p.parameter)).ToList();
-        root = Flats("root", rest, embeddings, collectives, communication, null, masters);
+        // The root is never prefetched, but its collectives wait for queued gathers like every other (one order on all ranks).
+        root = Flats("root", rest, embeddings, collectives, communication, null, masters, prefetch);
         foreach (var flat in root)
         {
             flat.Gather();
@@ -223,7 +231,7 @@ public sealed class ShardedModel : IDisposable
     // AdamW's decay groups (matrices decay, vectors do not) and 8-bit AdamW's fp32 embeddings need separate vectors:
     // one flat vector has one weight decay and one moment format.
     private static List<FlatParameter> Flats(string unit, List<(string Name, Parameter Parameter)> parameters, IReadOnlySet<string> embeddings, ICollectives collectives,
-        System.Diagnostics.Stopwatch communication, BufferPool? pool, IReadOnlyDictionary<string, Tensor> masters)
+        System.Diagnostics.Stopwatch communication, BufferPool? pool, IReadOnlyDictionary<string, Tensor> masters, PrefetchQueue prefetch)
     {
         var groups = new (string Suffix, Func<(string Name, Parameter Parameter), bool> Member)[]
         {
@@ -233,6 +241,6 @@ public sealed class ShardedModel : IDisposable
         };
         // Members are chosen before any vector is built: building one releases its parameters (their shapes become [0]).
         var members = groups.Select(g => (g.Suffix, Members: parameters.Where(g.Member).ToList())).Where(g => g.Members.Count > 0).ToList();
-        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication, pool, masters)).ToList();
+        return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication, pool, masters, prefetch)).ToList();
     }
 }

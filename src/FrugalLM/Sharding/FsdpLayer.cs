@@ -45,6 +45,20 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
 
     internal ShardingStrategy Strategy { get; }
 
+    /// <summary>The layer that runs after this one in forward (null for the last): prefetched while this one computes.</summary>
+    internal FsdpLayer? Next { get; set; }
+
+    /// <summary>The layer that runs before this one in forward (null for the first): prefetched during this one's backward.</summary>
+    internal FsdpLayer? Previous { get; set; }
+
+    internal void Prefetch()
+    {
+        foreach (var flat in Flats)
+        {
+            flat.Prefetch();
+        }
+    }
+
     internal void Gather()
     {
         foreach (var flat in Flats)
@@ -114,6 +128,7 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
             ctx.save_data("layer", layer);
             ctx.save_data("inputs", vars.Length);
             layer.Gather();
+            layer.Next?.Prefetch();
             if (layer.Strategy == ShardingStrategy.ShardGradOp)
             {
                 Tensor input, output;
@@ -161,6 +176,7 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
             {
                 var saved = ctx.get_saved_variables();
                 layer.Gather();
+                layer.Previous?.Prefetch();
                 input = ActivationCheckpointing.RecomputeBackward(ctx, saved, gradOutput, layer.RunInner);
             }
             // Parameter gradients went to the gathered parameters' grad slots; they leave as this rank's shard of the sum.
