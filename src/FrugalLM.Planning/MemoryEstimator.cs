@@ -122,6 +122,7 @@ public static class MemoryEstimator
     private sealed class Unit
     {
         public long Weights;
+        public long TrainableWeights;
         public long Gradients;
         public long Masters;
         public long States;
@@ -158,11 +159,13 @@ public static class MemoryEstimator
             bool quantized = plan.Quantization.Kind != QuantizationKind.None && t.Role == TensorRole.LayerLinearWeight;
             int key = t.Layer >= 0 ? t.Layer : t.Role is TensorRole.FinalNorm or TensorRole.LmHead ? HeadUnit : EmbeddingUnit;
             var unit = account[key];
-            unit.Weights += quantized ? plan.Quantization.WeightBytes(t.Count, t.Rows) : t.Count * (plan.KeepsInFp32(t.Role) ? 4 : a);
+            long weightBytes = quantized ? plan.Quantization.WeightBytes(t.Count, t.Rows) : t.Count * (plan.KeepsInFp32(t.Role) ? 4 : a);
+            unit.Weights += weightBytes;
             if (!trainable)
             {
                 continue;
             }
+            unit.TrainableWeights += weightBytes;
             long masters = plan.UsesMasterWeights ? 4 * t.Count : 0;
             long states = OptimizerStateBytes(plan, t.Count, t.Role);
             unit.Gradients += t.Count * a;
@@ -186,9 +189,11 @@ public static class MemoryEstimator
         string per = ranks > 1 ? string.Create(CultureInfo.InvariantCulture, $", sharded over {ranks} ranks") : "";
         var list = new List<MemoryComponent>();
 
-        long weights = fullShard ? t.Sharded(u => u.Weights, ranks) : t.Sum(u => u.Weights);
+        // FSDP shards what trains; a frozen base (LoRA, int8) is replicated on every rank, as FrugalLM's FSDP does.
+        long frozen = t.Sum(u => u.Weights - u.TrainableWeights);
+        long weights = fullShard ? t.Sharded(u => u.TrainableWeights, ranks) + frozen : t.Sum(u => u.Weights);
         list.Add(new("weights", WeightsLabel(plan), weights, offload.Weights, Phases.All,
-            WeightsFormula(plan) + (fullShard ? per : "")));
+            WeightsFormula(plan) + (fullShard ? per + (frozen > 0 ? " (the trainable part; the frozen base replicated)" : "") : "")));
         list.Add(new("master_weights", "fp32 master weights of trainable parameters", t.Sharded(u => u.Masters, ranks),
             offload.OptimizerStates, Phases.All, "4 B x trainable parameters" + per));
 
@@ -275,9 +280,9 @@ public static class MemoryEstimator
         }
         if (fullShard)
         {
-            long gathered = t[EmbeddingUnit].Weights + t[HeadUnit].Weights + 2 * t.LargestLayer(u => u.Weights);
+            long gathered = t[EmbeddingUnit].TrainableWeights + t[HeadUnit].TrainableWeights + 2 * t.LargestLayer(u => u.TrainableWeights);
             list.Add(new("fsdp_gathered", "FSDP gathered weights (root, current and prefetched layer)", gathered,
-                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "embedding + head + 2 x largest layer"));
+                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "trainable weights of embedding + head + 2 x largest layer"));
         }
         else if (offload.Weights != MemoryTier.Device)
         {

@@ -304,6 +304,15 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(34_624, gradOp.Bytes("weights")); // ZeRO-2 keeps full weights
         Assert.Equal(34_624, gradOp.Bytes("optimizer_states"));
         Assert.Equal(0, gradOp.Bytes("fsdp_gathered"));
+
+        // Under LoRA only the adapters are sharded and gathered; the frozen base (34,624 B) stays whole on every rank.
+        var lora = Tiny.Plan() with { Lora = new LoraSettings(2, 4, ["q_proj"], 0), Sharding = new Sharding(ShardingStrategy.FullShard, 2) };
+        var plain = MemoryEstimator.Estimate(lora with { Sharding = Sharding.None });
+        var shardedLora = MemoryEstimator.Estimate(lora);
+        long adapters = plain.Bytes("weights") - 34_624; // q_proj A (2 x 16) and B (16 x 2) in each of 2 layers: 128 values x 4 B
+        Assert.Equal(512, adapters);
+        Assert.Equal(34_624 + 256, shardedLora.Bytes("weights"));
+        Assert.Equal(2 * 256, shardedLora.Bytes("fsdp_gathered")); // no root adapters; current and prefetched layer: 64 values x 4 B each
     }
 
     [Fact]
