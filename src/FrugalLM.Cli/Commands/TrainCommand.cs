@@ -204,11 +204,26 @@ internal static class TrainCommand
                 CheckpointFolder = Path.Combine(outFolder, "checkpoints"),
             };
             var trainer = new Trainer(lm, corpus, options, mixed, sharded);
+            if (sharded is not null)
+            {
+                // The index of a sharded checkpoint says what the run's own save would write, so that consolidation needs no model.
+                trainer.CheckpointTarget = applied.Lora is { } adapter
+                    ? new ConsolidationTarget(ShardedCheckpoint.AdapterKind, TorchSharp.torch.ScalarType.Float32, LoraAdapter.Keys(adapter), dir =>
+                    {
+                        generation.Save(dir);
+                        LoraAdapter.SaveConfig(adapter, dir, baseModelNameOrPath: Path.GetFullPath(modelFolder!));
+                    })
+                    : new ConsolidationTarget(ShardedCheckpoint.ModelKind, savedAs, HfCheckpoint.State(lm).Select(t => (t.Name, t.Name)).ToList(), dir =>
+                    {
+                        generation.Save(dir);
+                        HfCheckpoint.SaveConfig(lm, dir, savedAs);
+                    });
+            }
+            trainer.CheckpointWritten = (path, took) => CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
+                $"checkpoint {path}: {MemoryProbe.Mib(FolderBytes(path))} in {took.TotalSeconds:F2} s"));
             if (pr.GetValue(resume))
             {
-                var latest = TrainingCheckpoint.Latest(options.CheckpointFolder!)
-                    ?? throw new ArgumentException($"--resume: no checkpoint in {options.CheckpointFolder}");
-                TrainingCheckpoint.Load(trainer, latest);
+                var latest = trainer.Resume();
                 CliRunner.Status($"resumed from {latest} at step {trainer.StepsDone}");
             }
             if (writer)
@@ -265,6 +280,9 @@ internal static class TrainCommand
         }
         sharded.Collectives.Barrier(); // no rank finishes before the files are written
     }
+
+    private static long FolderBytes(string folder) =>
+        Directory.Exists(folder) ? Directory.EnumerateFiles(folder).Sum(f => new FileInfo(f).Length) : 0;
 
     // Every rank's peak resident set (gathered to all, printed by rank 0), step time and the share spent in collectives.
     private static string RankLine(ShardedModel sharded, TrainResult result)
