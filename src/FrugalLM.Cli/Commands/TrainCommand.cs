@@ -61,12 +61,13 @@ internal static class TrainCommand
         var samplePrompt = new Option<string?>("--sample-prompt") { Description = "Print a sample continuation of this prompt before and after training" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores; under frugal launch, the cores shared among the ranks)" };
         var fsdp = new Option<string>("--fsdp") { Description = "Shard trainable parameters, gradients and optimizer states across the ranks of 'frugal launch -n N -- train ...': full (FULL_SHARD, ZeRO-3: layers gathered as they run and recomputed in backward), grad-op (SHARD_GRAD_OP, ZeRO-2: gathered weights kept through backward) or none", DefaultValueFactory = _ => "none" };
+        var collectiveTimeout = new Option<string>("--collective-timeout") { Description = "Under frugal launch: abort the job when a collective waits longer than this for the other ranks (a hung rank), e.g. 90s, 5m; 0 = wait forever", DefaultValueFactory = _ => "5m" };
         var quantize = new QuantizeOptions();
         var command = new Command("train", "Train a LLaMA or OPT model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
-            samplePrompt, threads, fsdp,
+            samplePrompt, threads, fsdp, collectiveTimeout,
         };
         foreach (var option in quantize.All)
         {
@@ -76,7 +77,12 @@ internal static class TrainCommand
         {
             var strategy = PlanNames.ParseStrategy(pr.GetValue(fsdp)!);
             // Under mpirun every rank runs this command; only rank 0 prints progress and writes files.
+            var timeout = ParseDuration(pr.GetValue(collectiveTimeout)!, "--collective-timeout");
             using var collectives = strategy != ShardingStrategy.None || Collectives.LaunchedByMpirun ? Collectives.Create() : null;
+            if (collectives is MpiCollectives mpi)
+            {
+                mpi.Timeout = timeout;
+            }
             if (collectives is { WorldSize: > 1 } && strategy == ShardingStrategy.None)
             {
                 throw new ArgumentException($"{collectives.WorldSize} ranks need --fsdp full or grad-op (without sharding each rank would train its own copy and write the same files)");
@@ -279,6 +285,20 @@ internal static class TrainCommand
             }
         }
         sharded.Collectives.Barrier(); // no rank finishes before the files are written
+    }
+
+    /// <summary>A duration such as 90s, 5m, 1h, 500ms or a plain number of seconds; 0 means infinite.</summary>
+    internal static TimeSpan ParseDuration(string text, string option)
+    {
+        var t = text.Trim().ToLowerInvariant();
+        (string Suffix, double Seconds)[] units = [("ms", 1e-3), ("s", 1), ("m", 60), ("h", 3600)];
+        var unit = units.FirstOrDefault(u => t.EndsWith(u.Suffix, StringComparison.Ordinal) && (u.Suffix != "s" || !t.EndsWith("ms", StringComparison.Ordinal)));
+        var number = unit.Suffix is null ? t : t[..^unit.Suffix.Length];
+        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double value) || value < 0 || double.IsInfinity(value))
+        {
+            throw new ArgumentException($"{option}: '{text}' is not a duration (e.g. 90s, 5m, 500ms; 0 = no limit)");
+        }
+        return value == 0 ? Timeout.InfiniteTimeSpan : TimeSpan.FromSeconds(value * (unit.Suffix is null ? 1 : unit.Seconds));
     }
 
     private static long FolderBytes(string folder) =>

@@ -256,6 +256,7 @@ public sealed class Trainer
         while (StepsDone < options.Steps)
         {
             cancel.ThrowIfCancellationRequested();
+            TestHooks.BeforeStep(StepsDone + 1, sharding?.Collectives.Rank ?? 0);
             trainClock.Start();
             Optimizer.LearningRate = schedule.At(StepsDone);
             var micro = Take(batches, options.GradientAccumulation);
