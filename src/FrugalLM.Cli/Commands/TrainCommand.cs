@@ -53,8 +53,8 @@ internal static class TrainCommand
         var evalEvery = new Option<int>("--eval-every") { Description = "Held-out evaluation every N steps (and at the end)", DefaultValueFactory = _ => 0 };
         var evalBatches = new Option<int>("--eval-batches") { Description = "Held-out batches per evaluation; 0 = all", DefaultValueFactory = _ => 0 };
         var saveEvery = new Option<int>("--save-every") { Description = "Save the HF model folder every N steps (and at the end)", DefaultValueFactory = _ => 0 };
-        var stateEvery = new Option<int>("--state-every") { Description = "Write a resumable checkpoint (weights, optimizer, scaler, RNG, data position) every N steps into OUT/checkpoints", DefaultValueFactory = _ => 0 };
-        var resume = new Option<bool>("--resume") { Description = "Continue from the newest checkpoint in OUT/checkpoints (same arguments as the interrupted run)" };
+        var stateEvery = new Option<int>("--state-every") { Description = "Write a resumable checkpoint (weights, optimizer, scaler, RNG, data position) every N steps into OUT/checkpoints (under --fsdp: one file per rank plus index.json; frugal checkpoint consolidate turns it into a full folder)", DefaultValueFactory = _ => 0 };
+        var resume = new Option<bool>("--resume") { Description = "Continue from the newest complete checkpoint in OUT/checkpoints (same arguments, and under --fsdp the same number of ranks, as the interrupted run)" };
         var logEvery = new Option<int>("--log-every") { Description = "Print progress every N steps", DefaultValueFactory = _ => 10 };
         var seed = new Option<int>("--seed") { Description = "Seed of weight initialization and data order", DefaultValueFactory = _ => 0 };
         var saveDtype = new Option<string>("--save-dtype") { Description = "Dtype of saved weights: float32, bfloat16 or float16", DefaultValueFactory = _ => "float32" };

@@ -135,7 +135,7 @@ public readonly record struct StepResult(double Loss, double GradNorm, bool Skip
 /// groups, warm-up + cosine schedule, gradient accumulation and clipping, mixed precision through
 /// <see cref="MixedPrecision"/>, held-out evaluation, a save callback every
 /// <see cref="TrainOptions.SaveEvery"/> steps and at the end, and resumable checkpoints
-/// (<see cref="TrainingCheckpoint"/>). Each step runs in a <see cref="StepScope"/> so native memory stays flat.
+/// (<see cref="TrainingCheckpoint"/>; one file per rank plus an index under FSDP, <see cref="ShardedCheckpoint"/>). Each step runs in a <see cref="StepScope"/> so native memory stays flat.
 /// </summary>
 public sealed class Trainer
 {
@@ -188,7 +188,7 @@ public sealed class Trainer
     /// <summary>The precision policy.</summary>
     public MixedPrecision Precision => precision;
 
-    /// <summary>Steps done so far (restored by <see cref="TrainingCheckpoint.Load"/>).</summary>
+    /// <summary>Steps done so far (restored by <see cref="Resume"/>).</summary>
     public int StepsDone { get; internal set; }
 
     /// <summary>Where the data stream is: epoch and batches consumed within it.</summary>
@@ -219,7 +219,7 @@ public sealed class Trainer
     public string Resume()
     {
         var folder = options.CheckpointFolder ?? throw new InvalidOperationException("no checkpoint folder set");
-        var latest = (sharding is null ? TrainingCheckpoint.Latest(folder) : ShardedCheckpoint.Latest(folder));
+        var latest = sharding is null ? TrainingCheckpoint.Latest(folder) : ShardedCheckpoint.Latest(folder);
         if (latest is null)
         {
             var other = sharding is null ? ShardedCheckpoint.Latest(folder) : TrainingCheckpoint.Latest(folder);
