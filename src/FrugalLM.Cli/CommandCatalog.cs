@@ -18,5 +18,6 @@ internal static class CommandCatalog
         yield return Commands.BenchCommand.CreateChild();
         yield return Commands.LaunchCommand.Create();
         yield return Commands.CollectivesSelfTestCommand.Create();
+        yield return Commands.CheckpointCommand.Create();
     }
 }

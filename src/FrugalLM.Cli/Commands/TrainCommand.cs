@@ -53,20 +53,21 @@ internal static class TrainCommand
         var evalEvery = new Option<int>("--eval-every") { Description = "Held-out evaluation every N steps (and at the end)", DefaultValueFactory = _ => 0 };
         var evalBatches = new Option<int>("--eval-batches") { Description = "Held-out batches per evaluation; 0 = all", DefaultValueFactory = _ => 0 };
         var saveEvery = new Option<int>("--save-every") { Description = "Save the HF model folder every N steps (and at the end)", DefaultValueFactory = _ => 0 };
-        var stateEvery = new Option<int>("--state-every") { Description = "Write a resumable checkpoint (weights, optimizer, scaler, RNG, data position) every N steps into OUT/checkpoints", DefaultValueFactory = _ => 0 };
-        var resume = new Option<bool>("--resume") { Description = "Continue from the newest checkpoint in OUT/checkpoints (same arguments as the interrupted run)" };
+        var stateEvery = new Option<int>("--state-every") { Description = "Write a resumable checkpoint (weights, optimizer, scaler, RNG, data position) every N steps into OUT/checkpoints (under --fsdp: one file per rank plus index.json; frugal checkpoint consolidate turns it into a full folder)", DefaultValueFactory = _ => 0 };
+        var resume = new Option<bool>("--resume") { Description = "Continue from the newest complete checkpoint in OUT/checkpoints (same arguments, and under --fsdp the same number of ranks, as the interrupted run)" };
         var logEvery = new Option<int>("--log-every") { Description = "Print progress every N steps", DefaultValueFactory = _ => 10 };
         var seed = new Option<int>("--seed") { Description = "Seed of weight initialization and data order", DefaultValueFactory = _ => 0 };
         var saveDtype = new Option<string>("--save-dtype") { Description = "Dtype of saved weights: float32, bfloat16 or float16", DefaultValueFactory = _ => "float32" };
         var samplePrompt = new Option<string?>("--sample-prompt") { Description = "Print a sample continuation of this prompt before and after training" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores; under frugal launch, the cores shared among the ranks)" };
         var fsdp = new Option<string>("--fsdp") { Description = "Shard trainable parameters, gradients and optimizer states across the ranks of 'frugal launch -n N -- train ...': full (FULL_SHARD, ZeRO-3: layers gathered as they run and recomputed in backward), grad-op (SHARD_GRAD_OP, ZeRO-2: gathered weights kept through backward) or none", DefaultValueFactory = _ => "none" };
+        var collectiveTimeout = new Option<string>("--collective-timeout") { Description = "Under frugal launch: abort the job when a collective waits longer than this for the other ranks (a hung rank), e.g. 90s, 5m; 0 = wait forever", DefaultValueFactory = _ => "5m" };
         var quantize = new QuantizeOptions();
         var command = new Command("train", "Train a LLaMA or OPT model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
-            samplePrompt, threads, fsdp,
+            samplePrompt, threads, fsdp, collectiveTimeout,
         };
         foreach (var option in quantize.All)
         {
@@ -76,7 +77,12 @@ internal static class TrainCommand
         {
             var strategy = PlanNames.ParseStrategy(pr.GetValue(fsdp)!);
             // Under mpirun every rank runs this command; only rank 0 prints progress and writes files.
+            var timeout = ParseDuration(pr.GetValue(collectiveTimeout)!, "--collective-timeout");
             using var collectives = strategy != ShardingStrategy.None || Collectives.LaunchedByMpirun ? Collectives.Create() : null;
+            if (collectives is MpiCollectives mpi)
+            {
+                mpi.Timeout = timeout;
+            }
             if (collectives is { WorldSize: > 1 } && strategy == ShardingStrategy.None)
             {
                 throw new ArgumentException($"{collectives.WorldSize} ranks need --fsdp full or grad-op (without sharding each rank would train its own copy and write the same files)");
@@ -204,11 +210,26 @@ internal static class TrainCommand
                 CheckpointFolder = Path.Combine(outFolder, "checkpoints"),
             };
             var trainer = new Trainer(lm, corpus, options, mixed, sharded);
+            if (sharded is not null)
+            {
+                // The index of a sharded checkpoint says what the run's own save would write, so that consolidation needs no model.
+                trainer.CheckpointTarget = applied.Lora is { } adapter
+                    ? new ConsolidationTarget(ShardedCheckpoint.AdapterKind, TorchSharp.torch.ScalarType.Float32, LoraAdapter.Keys(adapter), dir =>
+                    {
+                        generation.Save(dir);
+                        LoraAdapter.SaveConfig(adapter, dir, baseModelNameOrPath: Path.GetFullPath(modelFolder!));
+                    })
+                    : new ConsolidationTarget(ShardedCheckpoint.ModelKind, savedAs, HfCheckpoint.State(lm).Select(t => (t.Name, t.Name)).ToList(), dir =>
+                    {
+                        generation.Save(dir);
+                        HfCheckpoint.SaveConfig(lm, dir, savedAs);
+                    });
+            }
+            trainer.CheckpointWritten = (path, took) => CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
+                $"checkpoint {path}: {MemoryProbe.Mib(FolderBytes(path))} in {took.TotalSeconds:F2} s"));
             if (pr.GetValue(resume))
             {
-                var latest = TrainingCheckpoint.Latest(options.CheckpointFolder!)
-                    ?? throw new ArgumentException($"--resume: no checkpoint in {options.CheckpointFolder}");
-                TrainingCheckpoint.Load(trainer, latest);
+                var latest = trainer.Resume();
                 CliRunner.Status($"resumed from {latest} at step {trainer.StepsDone}");
             }
             if (writer)
@@ -265,6 +286,23 @@ internal static class TrainCommand
         }
         sharded.Collectives.Barrier(); // no rank finishes before the files are written
     }
+
+    /// <summary>A duration such as 90s, 5m, 1h, 500ms or a plain number of seconds; 0 means infinite.</summary>
+    internal static TimeSpan ParseDuration(string text, string option)
+    {
+        var t = text.Trim().ToLowerInvariant();
+        (string Suffix, double Seconds)[] units = [("ms", 1e-3), ("s", 1), ("m", 60), ("h", 3600)];
+        var unit = units.FirstOrDefault(u => t.EndsWith(u.Suffix, StringComparison.Ordinal) && (u.Suffix != "s" || !t.EndsWith("ms", StringComparison.Ordinal)));
+        var number = unit.Suffix is null ? t : t[..^unit.Suffix.Length];
+        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double value) || value < 0 || double.IsInfinity(value))
+        {
+            throw new ArgumentException($"{option}: '{text}' is not a duration (e.g. 90s, 5m, 500ms; 0 = no limit)");
+        }
+        return value == 0 ? Timeout.InfiniteTimeSpan : TimeSpan.FromSeconds(value * (unit.Suffix is null ? 1 : unit.Seconds));
+    }
+
+    private static long FolderBytes(string folder) =>
+        Directory.Exists(folder) ? Directory.EnumerateFiles(folder).Sum(f => new FileInfo(f).Length) : 0;
 
     // Every rank's peak resident set (gathered to all, printed by rank 0), step time and the share spent in collectives.
     private static string RankLine(ShardedModel sharded, TrainResult result)

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Numerics;
 using FrugalLM.Native;
 using TorchSharp;
@@ -23,6 +24,7 @@ public sealed unsafe class MpiCollectives : ICollectives
     private static readonly Lock InitGate = new();
     private static bool initializedOnce;
     private readonly Lock gate = new();
+    private long calls;
     private torch.Tensor? scratch;
     private bool disposed;
 
@@ -53,6 +55,28 @@ public sealed unsafe class MpiCollectives : ICollectives
     /// times 64 MiB while keeping each message large enough that latency does not matter.
     /// </summary>
     public int ScratchElements { get; set; } = 1 << 24;
+
+    /// <summary>
+    /// How long one collective may wait for the other ranks before the job is aborted (<see cref="Timeout.InfiniteTimeSpan"/>:
+    /// wait forever, as plain MPI does). A rank that hangs while alive (a deadlock, a stuck file system, a stopped
+    /// process) is not noticed by mpirun, which only sees ranks that exit; without a deadline the others would block in
+    /// their next collective forever. It must exceed the longest time ranks legitimately spend apart between two
+    /// collectives: rank 0 writing a save while the others wait in a barrier, or a slow first step.
+    /// </summary>
+    public TimeSpan Timeout { get; set; } = DefaultTimeout;
+
+    /// <summary>The default <see cref="Timeout"/>: five minutes.</summary>
+    public static readonly TimeSpan DefaultTimeout = TimeSpan.FromMinutes(5);
+
+    /// <summary>
+    /// What happens when a collective times out, given the message: by default it is printed to stderr and
+    /// <c>MPI_Abort</c> ends every rank (mpirun returns exit code 1). A collective cannot be cancelled in MPI, so this
+    /// process cannot go on communicating either; tests replace it to observe the message.
+    /// </summary>
+    public Action<string> OnTimeout { get; set; } = DefaultOnTimeout;
+
+    /// <summary>Collectives started by this process so far (the number in a timeout's message).</summary>
+    public long CallCount => calls;
 
     /// <summary>
     /// Initializes MPI (serialized threading: calls may come from any thread, one at a time) and returns this
@@ -94,8 +118,10 @@ public sealed unsafe class MpiCollectives : ICollectives
         {
             foreach (var call in GatherCalls(input, output))
             {
-                MpiNative.Check(MpiNative.Allgather((void*)call.Send, call.Count, call.Type, (void*)call.Receive, 1, call.ReceiveType, MpiNative.CommWorld), "MPI_Allgather");
+                IntPtr request;
+                MpiNative.Check(MpiNative.Iallgather((void*)call.Send, call.Count, call.Type, (void*)call.Receive, 1, call.ReceiveType, MpiNative.CommWorld, &request), "MPI_Iallgather");
                 FreeType(call.ReceiveType);
+                Complete(&request, 1, "all-gather", call.Count, null);
             }
         }
     }
@@ -207,7 +233,9 @@ public sealed unsafe class MpiCollectives : ICollectives
                 using var wide = Scratch(rest).narrow(0, 0, rest);
                 wide.copy_(tail);
                 var w = (float*)TensorMemory.Pointer(wide);
-                MpiNative.Check(MpiNative.Allreduce(MpiNative.InPlace, w, (int)rest, MpiNative.Float, MpiNative.OpSum, MpiNative.CommWorld), "MPI_Allreduce");
+                IntPtr request;
+                MpiNative.Check(MpiNative.Iallreduce(MpiNative.InPlace, w, (int)rest, MpiNative.Float, MpiNative.OpSum, MpiNative.CommWorld, &request), "MPI_Iallreduce");
+                Complete(&request, 1, "all-reduce", rest, null);
                 if (op == ReduceOp.Avg)
                 {
                     Divide(w, rest, WorldSize);
@@ -234,7 +262,9 @@ public sealed unsafe class MpiCollectives : ICollectives
             for (long p = 0; p < n; p += MaxElementsPerCall)
             {
                 int m = (int)Math.Min(MaxElementsPerCall, n - p);
-                MpiNative.Check(MpiNative.Bcast(data + p * size, m, type, root, MpiNative.CommWorld), "MPI_Bcast");
+                IntPtr request;
+                MpiNative.Check(MpiNative.Ibcast(data + p * size, m, type, root, MpiNative.CommWorld, &request), "MPI_Ibcast");
+                Complete(&request, 1, "broadcast", m, Rank == root ? null : root);
             }
         }
     }
@@ -254,7 +284,9 @@ public sealed unsafe class MpiCollectives : ICollectives
     {
         lock (gate)
         {
-            MpiNative.Check(MpiNative.Barrier(MpiNative.CommWorld), "MPI_Barrier");
+            IntPtr request;
+            MpiNative.Check(MpiNative.Ibarrier(MpiNative.CommWorld, &request), "MPI_Ibarrier");
+            Complete(&request, 1, "barrier", 0, null);
         }
     }
 
@@ -312,6 +344,61 @@ public sealed unsafe class MpiCollectives : ICollectives
         return calls;
     }
 
+    /// <summary>
+    /// Waits for <paramref name="count"/> requests by polling <c>MPI_Testall</c> until <see cref="Timeout"/>, instead of a
+    /// blocking MPI call that could wait forever. Polls continuously for the first 200 µs (small messages finish within
+    /// that), then yields the core until 5 ms (ranks may share cores), then sleeps 1 ms between polls: OpenMPI makes
+    /// progress only inside MPI calls, so a large transfer may lose up to a millisecond per protocol round to the sleep.
+    /// </summary>
+    private void Complete(IntPtr* requests, int count, string operation, long elements, int? waitingFor)
+    {
+        long call = ++calls;
+        long start = Stopwatch.GetTimestamp();
+        long limit = Timeout == System.Threading.Timeout.InfiniteTimeSpan ? long.MaxValue : (long)(Timeout.TotalSeconds * Stopwatch.Frequency);
+        long spin = Stopwatch.Frequency / 5000, yieldUntil = Stopwatch.Frequency / 200;
+        int flag = 0;
+        for (; ;)
+        {
+            MpiNative.Check(MpiNative.Testall(count, requests, &flag, null), "MPI_Testall");
+            if (flag != 0)
+            {
+                return;
+            }
+            long waited = Stopwatch.GetTimestamp() - start;
+            if (waited > limit)
+            {
+                break;
+            }
+            if (waited < spin)
+            {
+                Thread.SpinWait(20);
+            }
+            else if (waited < yieldUntil)
+            {
+                Thread.Yield();
+            }
+            else
+            {
+                Thread.Sleep(1);
+            }
+        }
+        string who = waitingFor is int r
+            ? $"rank {r} never sent its part"
+            : WorldSize == 2 ? $"rank {1 - Rank} did not arrive" : "one or more other ranks did not arrive (MPI does not say which)";
+        OnTimeout(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+            $"collective timeout: {operation} (collective #{call} of this rank, {elements} elements) did not complete within {Timeout.TotalSeconds:0.###} s on rank {Rank} of {WorldSize}: {who}. A rank is hung (alive but not communicating) or stopped calling collectives in the same order; if ranks legitimately spend longer apart (a large save), raise --collective-timeout. Aborting the job."));
+        throw new TimeoutException($"collective {operation} timed out on rank {Rank}");
+    }
+
+    private static void DefaultOnTimeout(string message)
+    {
+        Console.Out.Flush();
+        Console.Error.WriteLine($"error: {message}");
+        Console.Error.Flush();
+        _ = MpiNative.Abort(MpiNative.CommWorld, 1);
+        Environment.Exit(1); // MPI_Abort does not return in OpenMPI; this is the fallback
+    }
+
     private static void FreeType(IntPtr type) => MpiNative.Check(MpiNative.TypeFree(&type), "MPI_Type_free");
 
     /// <summary>
@@ -352,13 +439,15 @@ public sealed unsafe class MpiCollectives : ICollectives
                 Buffer.MemoryCopy(input, output, m * 4L, m * 4L);
             }
         }
+        var requests = stackalloc IntPtr[2];
         for (int s = 0; s < w - 1; s++)
         {
             int sendChunk = ((r - s - 1) % w + w) % w;
             int receiveChunk = ((r - s - 2) % w + w) % w;
             float* send = s == 0 ? input + sendChunk * stride : accumulator;
-            MpiNative.Check(MpiNative.Sendrecv(send, m, MpiNative.Float, right, RingTag, received, m, MpiNative.Float, left, RingTag,
-                MpiNative.CommWorld, null), "MPI_Sendrecv");
+            MpiNative.Check(MpiNative.Irecv(received, m, MpiNative.Float, left, RingTag, MpiNative.CommWorld, &requests[0]), "MPI_Irecv");
+            MpiNative.Check(MpiNative.Isend(send, m, MpiNative.Float, right, RingTag, MpiNative.CommWorld, &requests[1]), "MPI_Isend");
+            Complete(requests, 2, "reduce-scatter (ring step " + (s + 1) + " of " + (w - 1) + ")", m, left);
             Add(input + receiveChunk * stride, received, s == w - 2 ? output : accumulator, m);
         }
         if (op == ReduceOp.Avg)
@@ -413,7 +502,7 @@ public sealed unsafe class MpiCollectives : ICollectives
                 for (int i = 0; i < requests.Count; i++)
                 {
                     IntPtr request = requests[i];
-                    MpiNative.Check(MpiNative.Wait(&request, null), "MPI_Wait");
+                    owner.Complete(&request, 1, "all-gather (async)", 0, null);
                 }
             }
             IsCompleted = true;

@@ -35,6 +35,12 @@ internal static unsafe class MpiNative
     public static delegate* unmanaged<void*, int, IntPtr, void*, int, IntPtr, IntPtr, int> Allgather;
     public static delegate* unmanaged<void*, int, IntPtr, void*, int, IntPtr, IntPtr, IntPtr*, int> Iallgather;
     public static delegate* unmanaged<IntPtr*, void*, int> Wait;
+    public static delegate* unmanaged<int, IntPtr*, int*, void*, int> Testall;
+    public static delegate* unmanaged<void*, void*, int, IntPtr, IntPtr, IntPtr, IntPtr*, int> Iallreduce;
+    public static delegate* unmanaged<void*, int, IntPtr, int, IntPtr, IntPtr*, int> Ibcast;
+    public static delegate* unmanaged<IntPtr, IntPtr*, int> Ibarrier;
+    public static delegate* unmanaged<void*, int, IntPtr, int, int, IntPtr, IntPtr*, int> Isend;
+    public static delegate* unmanaged<void*, int, IntPtr, int, int, IntPtr, IntPtr*, int> Irecv;
     public static delegate* unmanaged<void*, void*, int, IntPtr, IntPtr, IntPtr, int> Allreduce;
     public static delegate* unmanaged<void*, int, IntPtr, int, IntPtr, int> Bcast;
     public static delegate* unmanaged<IntPtr, int> Barrier;
@@ -76,6 +82,12 @@ internal static unsafe class MpiNative
             Allgather = (delegate* unmanaged<void*, int, IntPtr, void*, int, IntPtr, IntPtr, int>)Get("MPI_Allgather");
             Iallgather = (delegate* unmanaged<void*, int, IntPtr, void*, int, IntPtr, IntPtr, IntPtr*, int>)Get("MPI_Iallgather");
             Wait = (delegate* unmanaged<IntPtr*, void*, int>)Get("MPI_Wait");
+            Testall = (delegate* unmanaged<int, IntPtr*, int*, void*, int>)Get("MPI_Testall");
+            Iallreduce = (delegate* unmanaged<void*, void*, int, IntPtr, IntPtr, IntPtr, IntPtr*, int>)Get("MPI_Iallreduce");
+            Ibcast = (delegate* unmanaged<void*, int, IntPtr, int, IntPtr, IntPtr*, int>)Get("MPI_Ibcast");
+            Ibarrier = (delegate* unmanaged<IntPtr, IntPtr*, int>)Get("MPI_Ibarrier");
+            Isend = (delegate* unmanaged<void*, int, IntPtr, int, int, IntPtr, IntPtr*, int>)Get("MPI_Isend");
+            Irecv = (delegate* unmanaged<void*, int, IntPtr, int, int, IntPtr, IntPtr*, int>)Get("MPI_Irecv");
             Allreduce = (delegate* unmanaged<void*, void*, int, IntPtr, IntPtr, IntPtr, int>)Get("MPI_Allreduce");
             Bcast = (delegate* unmanaged<void*, int, IntPtr, int, IntPtr, int>)Get("MPI_Bcast");
             Barrier = (delegate* unmanaged<IntPtr, int>)Get("MPI_Barrier");

@@ -38,6 +38,9 @@ public static class AtomicFile
     public static void WriteText(string path, string text) =>
         Write(path, s => s.Write(new UTF8Encoding(false).GetBytes(text)));
 
+    /// <summary>Flushes a folder's entries to disk (after a rename into it), so the rename survives a power loss.</summary>
+    public static void SyncFolder(string folder) => SyncDirectory(folder);
+
     private static void SyncDirectory(string folder)
     {
         if (!OperatingSystem.IsLinux())

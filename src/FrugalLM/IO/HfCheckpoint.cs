@@ -265,49 +265,18 @@ public sealed class HfCheckpoint : IDisposable
         var parameters = State(model).Select(p => (p.Name, replaced.GetValueOrDefault(p.Name) ?? p.Tensor)).ToList();
         // Buffers (an int8 layer's weight, SCB and format) are stored as they are; only parameters change dtype.
         var buffers = model.named_buffers(include_nonpersistent: false).Select(b => b.name).ToHashSet(StringComparer.Ordinal);
-        var shards = new List<List<(string Name, Tensor Tensor)>> { new() };
-        long shardBytes = 0, totalBytes = 0;
-        foreach (var (name, parameter) in parameters)
-        {
-            long bytes = parameter.numel() * (parameter.is_floating_point() && !buffers.Contains(name) ? elementSize : parameter.element_size());
-            if (shardBytes > 0 && shardBytes + bytes > maxShardBytes)
-            {
-                shards.Add([]);
-                shardBytes = 0;
-            }
-            shards[^1].Add((name, parameter));
-            shardBytes += bytes;
-            totalBytes += bytes;
-        }
+        var byName = parameters.ToDictionary(p => p.Name, p => p.Item2, StringComparer.Ordinal);
+        var plan = PlanWeightFiles(parameters.Select(p => (p.Name,
+            p.Item2.numel() * (p.Item2.is_floating_point() && !buffers.Contains(p.Name) ? elementSize : p.Item2.element_size()))).ToList(), maxShardBytes);
         var written = new List<string>();
-        var weightMap = new JsonObject();
-        for (int i = 0; i < shards.Count; i++)
+        foreach (var (file, names) in plan.Files)
         {
-            var file = shards.Count == 1
-                ? SingleFile
-                : string.Create(CultureInfo.InvariantCulture, $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors");
-            SafeTensors.Write(Path.Combine(folder, file), shards[i], dtype: type, keepDtype: buffers);
+            SafeTensors.Write(Path.Combine(folder, file), names.Select(n => (n, byName[n])).ToList(), dtype: type, keepDtype: buffers);
             written.Add(file);
-            foreach (var (name, _) in shards[i])
-            {
-                weightMap[name] = file;
-            }
         }
-        var indented = new JsonSerializerOptions { WriteIndented = true };
-        var indexPath = Path.Combine(folder, IndexFile);
-        if (shards.Count > 1)
-        {
-            var index = new JsonObject { ["metadata"] = new JsonObject { ["total_size"] = totalBytes }, ["weight_map"] = weightMap };
-            AtomicFile.WriteText(indexPath, index.ToJsonString(indented) + "\n");
-            written.Add(IndexFile);
-        }
+        written.AddRange(WriteWeightIndex(folder, plan));
         generation?.Save(folder);
-        var config = model.ConfigJson(DtypeName(type));
-        foreach (var (key, value) in extraConfig ?? [])
-        {
-            config[key] = value?.DeepClone();
-        }
-        AtomicFile.WriteText(Path.Combine(folder, "config.json"), config.ToJsonString(indented) + "\n");
+        SaveConfig(model, folder, type, extraConfig);
         foreach (var stale in Directory.EnumerateFiles(folder, "model*.safetensors*"))
         {
             if (!written.Contains(Path.GetFileName(stale)))
@@ -315,6 +284,67 @@ public sealed class HfCheckpoint : IDisposable
                 File.Delete(stale);
             }
         }
+    }
+
+    /// <summary>Writes the <c>config.json</c> that <see cref="Save"/> writes for weights stored in <paramref name="dtype"/>.</summary>
+    /// <param name="model">The model.</param>
+    /// <param name="folder">The folder.</param>
+    /// <param name="dtype">The saved weights' dtype (its <c>torch_dtype</c>).</param>
+    /// <param name="extraConfig">Fields added to the config.</param>
+    public static void SaveConfig(CausalLM model, string folder, ScalarType dtype, JsonObject? extraConfig = null)
+    {
+        var config = model.ConfigJson(DtypeName(dtype));
+        foreach (var (key, value) in extraConfig ?? [])
+        {
+            config[key] = value?.DeepClone();
+        }
+        AtomicFile.WriteText(Path.Combine(folder, "config.json"), config.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+    }
+
+    /// <summary>How <see cref="Save"/> splits weights into files: in order, a new file whenever the next tensor would take
+    /// the current one past <paramref name="maxShardBytes"/>; one file is <c>model.safetensors</c>, several are
+    /// <c>model-0000i-of-0000n.safetensors</c> with an index.</summary>
+    /// <param name="tensors">Tensor names and stored bytes, in the model's order.</param>
+    /// <param name="maxShardBytes">Largest file.</param>
+    public static WeightFilePlan PlanWeightFiles(IReadOnlyList<(string Name, long Bytes)> tensors, long maxShardBytes = 2L << 30)
+    {
+        var shards = new List<List<string>> { new() };
+        long shardBytes = 0, totalBytes = 0;
+        foreach (var (name, bytes) in tensors)
+        {
+            if (shardBytes > 0 && shardBytes + bytes > maxShardBytes)
+            {
+                shards.Add([]);
+                shardBytes = 0;
+            }
+            shards[^1].Add(name);
+            shardBytes += bytes;
+            totalBytes += bytes;
+        }
+        var files = shards.Select((names, i) => (shards.Count == 1
+            ? SingleFile
+            : string.Create(CultureInfo.InvariantCulture, $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors"), (IReadOnlyList<string>)names)).ToList();
+        return new WeightFilePlan(files, totalBytes);
+    }
+
+    /// <summary>Writes <c>model.safetensors.index.json</c> when <paramref name="plan"/> has several files; returns the file names written.</summary>
+    public static IReadOnlyList<string> WriteWeightIndex(string folder, WeightFilePlan plan)
+    {
+        if (plan.Files.Count <= 1)
+        {
+            return [];
+        }
+        var weightMap = new JsonObject();
+        foreach (var (file, names) in plan.Files)
+        {
+            foreach (var name in names)
+            {
+                weightMap[name] = file;
+            }
+        }
+        var index = new JsonObject { ["metadata"] = new JsonObject { ["total_size"] = plan.TotalBytes }, ["weight_map"] = weightMap };
+        AtomicFile.WriteText(Path.Combine(folder, IndexFile), index.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        return [IndexFile];
     }
 
     /// <summary>The HF <c>torch_dtype</c> name of a dtype.</summary>
@@ -400,3 +430,8 @@ public sealed class HfCheckpoint : IDisposable
         }
     }
 }
+
+/// <summary>Weight files of an HF folder: each file's name and the tensors it holds, and the total bytes.</summary>
+/// <param name="Files">File name and tensor names, in order.</param>
+/// <param name="TotalBytes">Bytes of all tensors.</param>
+public sealed record WeightFilePlan(IReadOnlyList<(string File, IReadOnlyList<string> Names)> Files, long TotalBytes);

@@ -376,17 +376,44 @@ public static unsafe class SafeTensors
     {
         var kept = tensors.Where(t => keepDtype?.Contains(t.Name) == true).Select(t => t.Tensor).ToHashSet(ReferenceEqualityComparer.Instance);
         ScalarType TypeOf(Tensor t) => dtype is ScalarType d && t.is_floating_point() && !kept.Contains(t) ? d : t.dtype;
-        long SizeOf(Tensor t) => ElementSize(FromScalarType(TypeOf(t)))!.Value;
-        var names = new HashSet<string>();
-        foreach (var (name, _) in tensors)
+        var layout = tensors.Select(t => new SafeTensorLayout(t.Name, TypeOf(t.Tensor), t.Tensor.shape)).ToList();
+        var byName = tensors.ToDictionary(t => t.Name, t => t.Tensor, StringComparer.Ordinal);
+        Write(path, layout, metadata, (order, put) =>
         {
-            if (!names.Add(name))
+            foreach (var name in order)
             {
-                throw new ArgumentException($"duplicate tensor name '{name}'", nameof(tensors));
+                put(name, byName[name]);
+            }
+        });
+    }
+
+    /// <summary>
+    /// Writes a file whose tensors are declared up front (names, dtypes, shapes) and whose data
+    /// <paramref name="fill"/> supplies afterwards, one tensor at a time and in any order, so a caller can
+    /// assemble tensors piece by piece (a sharded checkpoint's units) and never hold them all. The header and
+    /// layout are exactly <see cref="Write(string, IReadOnlyList{ValueTuple{string, Tensor}}, IReadOnlyDictionary{string, string}?, ScalarType?, IReadOnlySet{string}?)"/>'s
+    /// for the same tensors, so both writers produce the same bytes. Atomic; fails if a tensor is missing, given
+    /// twice or shaped differently from its declaration.
+    /// </summary>
+    /// <param name="path">The file.</param>
+    /// <param name="layout">Every tensor the file will hold.</param>
+    /// <param name="metadata">Extra <c>__metadata__</c> strings.</param>
+    /// <param name="fill">Receives the file's order of names (the cheapest order to supply them in) and a
+    /// <c>put(name, tensor)</c> that converts the tensor to its declared dtype and writes it at its place.</param>
+    public static void Write(string path, IReadOnlyList<SafeTensorLayout> layout, IReadOnlyDictionary<string, string>? metadata,
+        Action<IReadOnlyList<string>, Action<string, Tensor>> fill)
+    {
+        var names = new HashSet<string>();
+        foreach (var entry in layout)
+        {
+            if (!names.Add(entry.Name))
+            {
+                throw new ArgumentException($"duplicate tensor name '{entry.Name}'", nameof(layout));
             }
         }
-        var ordered = tensors
-            .OrderByDescending(t => SizeOf(t.Tensor))
+        long SizeOf(SafeTensorLayout e) => ElementSize(FromScalarType(e.Dtype))!.Value;
+        var ordered = layout
+            .OrderByDescending(SizeOf)
             .ThenBy(t => t.Name, StringComparer.Ordinal)
             .ToList();
         var header = new JsonObject();
@@ -396,16 +423,18 @@ public static unsafe class SafeTensors
             meta[k] = v;
         }
         header["__metadata__"] = meta;
+        var places = new Dictionary<string, (SafeTensorLayout Entry, long Offset)>(StringComparer.Ordinal);
         long offset = 0;
-        foreach (var (name, tensor) in ordered)
+        foreach (var entry in ordered)
         {
-            long bytes = tensor.numel() * SizeOf(tensor);
-            header[name] = new JsonObject
+            long bytes = entry.Shape.Aggregate(1L, (a, b) => a * b) * SizeOf(entry);
+            header[entry.Name] = new JsonObject
             {
-                ["dtype"] = FromScalarType(TypeOf(tensor)),
-                ["shape"] = new JsonArray(tensor.shape.Select(s => (JsonNode?)s).ToArray()),
+                ["dtype"] = FromScalarType(entry.Dtype),
+                ["shape"] = new JsonArray(entry.Shape.Select(s => (JsonNode?)s).ToArray()),
                 ["data_offsets"] = new JsonArray(offset, offset + bytes),
             };
+            places[entry.Name] = (entry, offset);
             offset += bytes;
         }
         var json = Encoding.UTF8.GetBytes(header.ToJsonString());
@@ -413,18 +442,34 @@ public static unsafe class SafeTensors
         var headerBytes = new byte[padded];
         json.CopyTo(headerBytes, 0);
         headerBytes.AsSpan(json.Length).Fill((byte)' ');
+        long dataStart = 8 + padded;
         AtomicFile.Write(path, stream =>
         {
             Span<byte> lengthField = stackalloc byte[8];
             BinaryPrimitives.WriteUInt64LittleEndian(lengthField, (ulong)padded);
             stream.Write(lengthField);
             stream.Write(headerBytes);
-            foreach (var (_, tensor) in ordered)
+            stream.SetLength(dataStart + offset);
+            var written = new HashSet<string>(StringComparer.Ordinal);
+            fill(ordered.Select(e => e.Name).ToList(), (name, tensor) =>
             {
+                if (!places.TryGetValue(name, out var place))
+                {
+                    throw new ArgumentException($"tensor '{name}' was not declared for {path}");
+                }
+                if (!written.Add(name))
+                {
+                    throw new ArgumentException($"tensor '{name}' was written twice to {path}");
+                }
+                if (!tensor.shape.SequenceEqual(place.Entry.Shape))
+                {
+                    throw new ArgumentException($"tensor '{name}' has shape {ShapeText(tensor.shape)}, declared {ShapeText(place.Entry.Shape)}");
+                }
                 using var scope = NewDisposeScope();
-                var cpu = tensor.detach().cpu().to(TypeOf(tensor)).contiguous();
+                var cpu = tensor.detach().cpu().to(place.Entry.Dtype).contiguous();
                 byte* pointer = TensorMemory.Pointer(cpu);
                 long remaining = cpu.numel() * cpu.element_size();
+                stream.Position = dataStart + place.Offset;
                 while (remaining > 0)
                 {
                     int chunk = (int)Math.Min(remaining, 1 << 26);
@@ -432,7 +477,18 @@ public static unsafe class SafeTensors
                     pointer += chunk;
                     remaining -= chunk;
                 }
+            });
+            if (written.Count != places.Count)
+            {
+                var missing = places.Keys.Where(n => !written.Contains(n)).Order(StringComparer.Ordinal).Take(5);
+                throw new InvalidOperationException($"{path}: {places.Count - written.Count} declared tensor(s) were not written ({string.Join(", ", missing)})");
             }
         });
     }
 }
+
+/// <summary>A tensor as a safetensors file will hold it, declared before its data exists.</summary>
+/// <param name="Name">The key.</param>
+/// <param name="Dtype">The stored dtype.</param>
+/// <param name="Shape">The shape.</param>
+public sealed record SafeTensorLayout(string Name, ScalarType Dtype, long[] Shape);

@@ -69,22 +69,12 @@ public static class LoraAdapter
         IEnumerable<(string Name, Tensor Tensor)>? sources = null)
     {
         var replaced = (sources ?? []).ToDictionary(s => s.Name, s => s.Tensor);
-        var adapters = lora.Adapters;
-        if (adapters.Count == 0)
-        {
-            throw new InvalidOperationException($"cannot save a LoRA adapter to {folder}: the model has no adapters (an adapter file is never written empty)");
-        }
-        var name = adapterName ?? lora.ActiveAdapter ?? (adapters.Count == 1 ? adapters[0]
-            : throw new InvalidOperationException($"no adapter is active: name the one to save ({string.Join(", ", adapters)})"));
-        var layers = lora.LayersOf(name);
-        var config = lora.Config(name);
+        var name = AdapterToSave(lora, adapterName, folder);
         var tensors = new List<(string Name, Tensor Tensor)>();
-        foreach (var (path, layer) in layers)
+        foreach (var (key, parameter, own) in Entries(lora, name))
         {
-            tensors.Add((KeyPrefix + path + ".lora_A.weight", replaced.GetValueOrDefault($"{path}.lora_A.{name}.weight") ?? layer.LoraA(name)));
-            tensors.Add((KeyPrefix + path + ".lora_B.weight", replaced.GetValueOrDefault($"{path}.lora_B.{name}.weight") ?? layer.LoraB(name)));
+            tensors.Add((key, replaced.GetValueOrDefault(parameter) ?? own));
         }
-        tensors.AddRange(Biases(lora, config.Bias, layers).Select(b => (KeyPrefix + b.Name, (Tensor)b.Parameter)));
         foreach (var (key, tensor) in tensors)
         {
             using var scope = NewDisposeScope();
@@ -95,8 +85,47 @@ public static class LoraAdapter
         }
         Directory.CreateDirectory(folder);
         SafeTensors.Write(Path.Combine(folder, WeightsFile), tensors, dtype: ScalarType.Float32);
-        var json = PythonJson.Dumps(ConfigJson(config, layers.Select(l => l.Path).ToList(), baseModelNameOrPath));
+        SaveConfig(lora, folder, name, baseModelNameOrPath);
+    }
+
+    /// <summary>
+    /// What <see cref="Save"/> writes to <c>adapter_model.safetensors</c>, as (PEFT key, model parameter name) pairs:
+    /// lets a sharded checkpoint, which stores parameters by model name, be turned into the adapter file without the model.
+    /// </summary>
+    public static IReadOnlyList<(string Key, string Parameter)> Keys(LoraModel lora, string? adapterName = null) =>
+        Entries(lora, AdapterToSave(lora, adapterName, "an adapter folder")).Select(e => (e.Key, e.Parameter)).ToList();
+
+    /// <summary>Writes the <c>adapter_config.json</c> that <see cref="Save"/> writes (atomically).</summary>
+    public static void SaveConfig(LoraModel lora, string folder, string? adapterName = null, string? baseModelNameOrPath = null)
+    {
+        var name = AdapterToSave(lora, adapterName, folder);
+        var json = PythonJson.Dumps(ConfigJson(lora.Config(name), lora.LayersOf(name).Select(l => l.Path).ToList(), baseModelNameOrPath));
         AtomicFile.WriteText(Path.Combine(folder, ConfigFile), json);
+    }
+
+    private static string AdapterToSave(LoraModel lora, string? adapterName, string folder)
+    {
+        var adapters = lora.Adapters;
+        if (adapters.Count == 0)
+        {
+            throw new InvalidOperationException($"cannot save a LoRA adapter to {folder}: the model has no adapters (an adapter file is never written empty)");
+        }
+        return adapterName ?? lora.ActiveAdapter ?? (adapters.Count == 1 ? adapters[0]
+            : throw new InvalidOperationException($"no adapter is active: name the one to save ({string.Join(", ", adapters)})"));
+    }
+
+    // The adapter's tensors: PEFT key, the model's parameter name, and the layer's own tensor.
+    private static List<(string Key, string Parameter, Tensor Tensor)> Entries(LoraModel lora, string name)
+    {
+        var layers = lora.LayersOf(name);
+        var entries = new List<(string, string, Tensor)>();
+        foreach (var (path, layer) in layers)
+        {
+            entries.Add((KeyPrefix + path + ".lora_A.weight", $"{path}.lora_A.{name}.weight", layer.LoraA(name)));
+            entries.Add((KeyPrefix + path + ".lora_B.weight", $"{path}.lora_B.{name}.weight", layer.LoraB(name)));
+        }
+        entries.AddRange(Biases(lora, lora.Config(name).Bias, layers).Select(b => (KeyPrefix + b.Name, b.Name, (Tensor)b.Parameter)));
+        return entries;
     }
 
     /// <summary>Reads an adapter folder's <c>adapter_config.json</c>.</summary>

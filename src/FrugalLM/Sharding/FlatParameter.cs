@@ -80,6 +80,10 @@ internal sealed class FlatParameter : IDisposable
     /// <summary>Names of the parameters in the flat vector, in order.</summary>
     public IReadOnlyList<string> ParameterNames { get; }
 
+    /// <summary>Where each parameter lies in the flat vector: name, shape, first element and element count.</summary>
+    public IReadOnlyList<(string Name, long[] Shape, long Offset, long Count)> Layout =>
+        entries.Select((e, i) => (ParameterNames[i], e.Shape, e.Offset, e.Count)).ToList();
+
     /// <summary>The dtype the parameters compute in (and are gathered in): fp32, or bf16/fp16 under mixed precision.</summary>
     public ScalarType ComputeDtype { get; }
 

@@ -124,6 +124,9 @@ public sealed class ShardedModel : IDisposable
     /// <summary>The sharding strategy.</summary>
     public ShardingStrategy Strategy { get; }
 
+    /// <summary>Every flat vector, the root unit's first, then the layers' in order (what a sharded checkpoint stores).</summary>
+    internal IReadOnlyList<FlatParameter> Vectors => AllFlats.ToList();
+
     private IEnumerable<FlatParameter> AllFlats => root.Concat(layers.SelectMany(l => l.Flats));
 
     /// <summary>What the optimizer steps: this rank's fp32 shards, by flat vector name (decay groups are separate vectors).</summary>

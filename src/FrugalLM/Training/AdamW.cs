@@ -191,7 +191,7 @@ public sealed class AdamW : IDisposable
         }
     }
 
-    /// <summary>Restores moments written by <see cref="StateTensors"/> and the step count.</summary>
+    /// <summary>Restores moments written by <see cref="StateTensors"/> and the step count; each tensor <paramref name="read"/> returns is disposed after it is copied.</summary>
     public void LoadState(Func<string, Tensor?> read, long stepCount)
     {
         using var noGrad = no_grad();
@@ -202,7 +202,11 @@ public sealed class AdamW : IDisposable
             {
                 if (read(key) is Tensor saved)
                 {
-                    target.copy_(saved);
+                    // Disposed at once: left to the GC, a resumed run's peak held a second copy of every moment.
+                    using (saved)
+                    {
+                        target.copy_(saved);
+                    }
                 }
             }
         }

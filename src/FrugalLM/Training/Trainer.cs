@@ -135,7 +135,7 @@ public readonly record struct StepResult(double Loss, double GradNorm, bool Skip
 /// groups, warm-up + cosine schedule, gradient accumulation and clipping, mixed precision through
 /// <see cref="MixedPrecision"/>, held-out evaluation, a save callback every
 /// <see cref="TrainOptions.SaveEvery"/> steps and at the end, and resumable checkpoints
-/// (<see cref="TrainingCheckpoint"/>). Each step runs in a <see cref="StepScope"/> so native memory stays flat.
+/// (<see cref="TrainingCheckpoint"/>; one file per rank plus an index under FSDP, <see cref="ShardedCheckpoint"/>). Each step runs in a <see cref="StepScope"/> so native memory stays flat.
 /// </summary>
 public sealed class Trainer
 {
@@ -162,10 +162,6 @@ public sealed class Trainer
         this.options = options;
         this.sharding = sharding;
         this.precision = precision ?? MixedPrecision.Apply(model, Planning.Precision.Fp32);
-        if (sharding is not null && options.CheckpointEvery > 0)
-        {
-            throw new NotSupportedException("resumable checkpoints of a sharded run (one file per rank) are not implemented yet: drop --state-every under FSDP");
-        }
         var format = options.Optimizer == OptimizerKind.AdamW8bit ? MomentFormat.Blockwise8Bit
             : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32;
         Optimizer = sharding is null
@@ -192,7 +188,7 @@ public sealed class Trainer
     /// <summary>The precision policy.</summary>
     public MixedPrecision Precision => precision;
 
-    /// <summary>Steps done so far (restored by <see cref="TrainingCheckpoint.Load"/>).</summary>
+    /// <summary>Steps done so far (restored by <see cref="Resume"/>).</summary>
     public int StepsDone { get; internal set; }
 
     /// <summary>Where the data stream is: epoch and batches consumed within it.</summary>
@@ -200,6 +196,49 @@ public sealed class Trainer
 
     /// <summary>The model.</summary>
     internal CausalLM Model => model;
+
+    /// <summary>Under FSDP: what the sharded checkpoints' index records for consolidation (see <see cref="ShardedCheckpoint"/>).</summary>
+    public ConsolidationTarget? CheckpointTarget { get; set; }
+
+    /// <summary>Called after each resumable checkpoint with its folder and the time writing it took (on every rank).</summary>
+    public Action<string, TimeSpan>? CheckpointWritten { get; set; }
+
+    /// <summary>Writes a resumable checkpoint of the current step into <see cref="TrainOptions.CheckpointFolder"/>: one file per
+    /// rank plus an index under FSDP (every rank must call it), <see cref="TrainingCheckpoint"/> otherwise.</summary>
+    public string SaveCheckpoint()
+    {
+        var clock = Stopwatch.StartNew();
+        var folder = options.CheckpointFolder ?? throw new InvalidOperationException("no checkpoint folder set");
+        var path = sharding is null ? TrainingCheckpoint.Save(this, folder) : ShardedCheckpoint.Save(this, sharding, folder, CheckpointTarget);
+        CheckpointWritten?.Invoke(path, clock.Elapsed);
+        return path;
+    }
+
+    /// <summary>Restores the newest complete checkpoint in <see cref="TrainOptions.CheckpointFolder"/> (sharded under FSDP); returns its
+    /// path. Throws when there is none, or when the folder holds checkpoints of the other kind.</summary>
+    public string Resume()
+    {
+        var folder = options.CheckpointFolder ?? throw new InvalidOperationException("no checkpoint folder set");
+        var latest = sharding is null ? TrainingCheckpoint.Latest(folder) : ShardedCheckpoint.Latest(folder);
+        if (latest is null)
+        {
+            var other = sharding is null ? ShardedCheckpoint.Latest(folder) : TrainingCheckpoint.Latest(folder);
+            throw new ArgumentException(other is null
+                ? $"--resume: no complete checkpoint in {folder}"
+                : sharding is null
+                    ? $"--resume: {other} is a sharded (FSDP) checkpoint: resume it with the same 'frugal launch -n N -- train ... --fsdp', or consolidate it ('frugal checkpoint consolidate {other} --out FOLDER')"
+                    : $"--resume: {other} is a single-process checkpoint; an FSDP run resumes only from sharded ones");
+        }
+        if (sharding is null)
+        {
+            TrainingCheckpoint.Load(this, latest);
+        }
+        else
+        {
+            ShardedCheckpoint.Load(this, sharding, latest);
+        }
+        return latest;
+    }
 
     /// <summary>Runs the remaining steps; <paramref name="save"/> receives the number of steps done.</summary>
     public TrainResult Run(Action<TrainProgress>? report = null, Action<int>? save = null, CancellationToken cancel = default)
@@ -217,6 +256,7 @@ public sealed class Trainer
         while (StepsDone < options.Steps)
         {
             cancel.ThrowIfCancellationRequested();
+            TestHooks.BeforeStep(StepsDone + 1, sharding?.Collectives.Rank ?? 0);
             trainClock.Start();
             Optimizer.LearningRate = schedule.At(StepsDone);
             var micro = Take(batches, options.GradientAccumulation);
@@ -252,7 +292,7 @@ public sealed class Trainer
             }
             if (options.CheckpointEvery > 0 && done % options.CheckpointEvery == 0 && done < options.Steps)
             {
-                TrainingCheckpoint.Save(this, options.CheckpointFolder!);
+                SaveCheckpoint();
             }
         }
         return new TrainResult(StepsDone, lastLoss, evalLoss, totalTokens / Math.Max(1e-9, trainClock.Elapsed.TotalSeconds), MemoryProbe.PeakBytes, clock.Elapsed);

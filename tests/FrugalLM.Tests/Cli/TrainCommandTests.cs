@@ -90,3 +90,24 @@ public sealed class TrainResumeCommandTests
         Assert.True(File.Exists(Path.Combine(whole, "loss.png")));
     }
 }
+
+public sealed class CollectiveTimeoutOptionTests
+{
+    [Theory]
+    [InlineData("90s", 90.0)]
+    [InlineData("5m", 300.0)]
+    [InlineData("500ms", 0.5)]
+    [InlineData("2h", 7200.0)]
+    [InlineData("45", 45.0)]
+    public void DurationsParse(string text, double seconds) =>
+        Assert.Equal(TimeSpan.FromSeconds(seconds), FrugalLM.Cli.Commands.TrainCommand.ParseDuration(text, "--collective-timeout"));
+
+    [Fact]
+    public void ZeroMeansNoLimitAndNonsenseIsRefused()
+    {
+        Assert.Equal(Timeout.InfiniteTimeSpan, FrugalLM.Cli.Commands.TrainCommand.ParseDuration("0", "--collective-timeout"));
+        var error = Assert.Throws<ArgumentException>(() => FrugalLM.Cli.Commands.TrainCommand.ParseDuration("soon", "--collective-timeout"));
+        Assert.Contains("--collective-timeout", error.Message);
+        Assert.Throws<ArgumentException>(() => FrugalLM.Cli.Commands.TrainCommand.ParseDuration("-3s", "--collective-timeout"));
+    }
+}
