@@ -9,16 +9,18 @@ namespace FrugalLM.Distributed;
 /// </summary>
 internal static unsafe class CollectiveChecks
 {
-    public static void Tensor(torch.Tensor tensor, string name, string collective, DeviceType device = DeviceType.CPU)
+    public static void Tensor(torch.Tensor tensor, string name, string collective, DeviceType device = DeviceType.CPU, bool moveOnly = false)
     {
         ArgumentNullException.ThrowIfNull(tensor, name);
         if (tensor.device_type != device)
         {
             throw new ArgumentException($"{collective}: {name} is on {tensor.device_type}; this backend takes {device} tensors", name);
         }
-        if (tensor.dtype is not (torch.ScalarType.Float32 or torch.ScalarType.BFloat16))
+        // Gathers and broadcasts move 16-bit values as raw words, so fp16 is as good as bf16 there; reductions add in fp32
+        // from bf16 only (fp16 training reduces its gradients in fp32).
+        if (tensor.dtype is not (torch.ScalarType.Float32 or torch.ScalarType.BFloat16) && !(moveOnly && tensor.dtype == torch.ScalarType.Float16))
         {
-            throw new ArgumentException($"{collective}: {name} is {tensor.dtype}; the collectives take Float32 or BFloat16", name);
+            throw new ArgumentException($"{collective}: {name} is {tensor.dtype}; {(moveOnly ? "gathers and broadcasts take Float32, BFloat16 or Float16" : "reductions take Float32 or BFloat16")}", name);
         }
         if (!tensor.is_contiguous())
         {
@@ -35,17 +37,17 @@ internal static unsafe class CollectiveChecks
     }
 
     // An input and an output buffer of one collective: each usable, both of one dtype.
-    private static void Pair(torch.Tensor input, torch.Tensor output, string collective, DeviceType device)
+    private static void Pair(torch.Tensor input, torch.Tensor output, string collective, DeviceType device, bool moveOnly = false)
     {
-        Tensor(input, nameof(input), collective, device);
-        Tensor(output, nameof(output), collective, device);
+        Tensor(input, nameof(input), collective, device, moveOnly);
+        Tensor(output, nameof(output), collective, device, moveOnly);
         SameType(input, output, collective);
     }
 
     public static void AllGather(torch.Tensor input, torch.Tensor output, int worldSize, DeviceType device = DeviceType.CPU)
     {
         const string name = "all-gather";
-        Pair(input, output, name, device);
+        Pair(input, output, name, device, moveOnly: true);
         long n = input.numel();
         if (output.numel() != n * worldSize)
         {

@@ -248,7 +248,7 @@ public sealed unsafe class MpiCollectives : ICollectives
     /// <inheritdoc/>
     public void Broadcast(torch.Tensor tensor, int root)
     {
-        CollectiveChecks.Tensor(tensor, nameof(tensor), "broadcast");
+        CollectiveChecks.Tensor(tensor, nameof(tensor), "broadcast", moveOnly: true);
         CollectiveChecks.Root(root, WorldSize);
         long n = tensor.numel();
         if (n == 0)
@@ -312,7 +312,7 @@ public sealed unsafe class MpiCollectives : ICollectives
     }
 
     private static (IntPtr Type, long Size) Element(torch.Tensor tensor) =>
-        tensor.dtype == torch.ScalarType.Float32 ? (MpiNative.Float, 4L) : (MpiNative.UInt16, 2L); // bf16 moved as raw 16-bit words
+        tensor.dtype == torch.ScalarType.Float32 ? (MpiNative.Float, 4L) : (MpiNative.UInt16, 2L); // bf16 and fp16 moved as raw 16-bit words
 
     /// <summary>
     /// One <c>MPI_Allgather</c> per piece of at most <see cref="MaxElementsPerCall"/> elements of each rank's input.

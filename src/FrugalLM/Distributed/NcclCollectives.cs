@@ -101,7 +101,7 @@ public sealed unsafe class NcclCollectives : ICollectives
     /// <inheritdoc />
     public void Broadcast(torch.Tensor tensor, int root)
     {
-        CollectiveChecks.Tensor(tensor, nameof(tensor), "broadcast", DeviceType.CUDA);
+        CollectiveChecks.Tensor(tensor, nameof(tensor), "broadcast", DeviceType.CUDA, moveOnly: true);
         CollectiveChecks.Root(root, WorldSize);
         NcclNative.Check(NcclNative.Broadcast(Data(tensor), Data(tensor), (nuint)tensor.numel(), DataType(tensor), root, comm, IntPtr.Zero), "ncclBroadcast");
         Synchronize();
@@ -124,7 +124,12 @@ public sealed unsafe class NcclCollectives : ICollectives
     // THSTensor_data gives the device address of a CUDA tensor as well (TensorMemory.Pointer refuses non-CPU tensors).
     private static void* Data(torch.Tensor tensor) => (void*)THSTensor_data(tensor.Handle);
 
-    private static int DataType(torch.Tensor tensor) => tensor.dtype == torch.ScalarType.BFloat16 ? NcclNative.BFloat16 : NcclNative.Float32;
+    private static int DataType(torch.Tensor tensor) => tensor.dtype switch
+    {
+        torch.ScalarType.BFloat16 => NcclNative.BFloat16,
+        torch.ScalarType.Float16 => NcclNative.Float16,
+        _ => NcclNative.Float32,
+    };
 
     private static int Op(ReduceOp op) => op == ReduceOp.Avg ? NcclNative.OpAvg : NcclNative.OpSum;
 

@@ -13,6 +13,7 @@ internal static unsafe class NcclNative
     public const string LibraryName = "libnccl.so.2";
 
     // ncclDataType_t and ncclRedOp_t values from nccl.h (stable since NCCL 2.10, which added bf16 and avg).
+    public const int Float16 = 6;
     public const int Float32 = 7;
     public const int BFloat16 = 9;
     public const int OpSum = 0;

@@ -46,7 +46,7 @@ public sealed unsafe class SingleProcessCollectives : ICollectives
     /// <inheritdoc/>
     public void Broadcast(torch.Tensor tensor, int root)
     {
-        CollectiveChecks.Tensor(tensor, nameof(tensor), "broadcast");
+        CollectiveChecks.Tensor(tensor, nameof(tensor), "broadcast", moveOnly: true);
         CollectiveChecks.Root(root, 1);
     }
 

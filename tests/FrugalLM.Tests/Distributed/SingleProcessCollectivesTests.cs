@@ -71,7 +71,7 @@ public sealed class SingleProcessCollectivesTests
         Assert.Contains("must hold world size (1) x input (8) = 8", Assert.Throws<ArgumentException>(() => c.AllGather(f, nine)).Message);
         Assert.Contains("must hold input (8) / world size (1) = 8", Assert.Throws<ArgumentException>(() => c.ReduceScatter(f, half, ReduceOp.Sum)).Message);
         Assert.Contains("not contiguous", Assert.Throws<ArgumentException>(() => c.AllReduce(transposed, ReduceOp.Sum)).Message);
-        Assert.Contains("Float32 or BFloat16", Assert.Throws<ArgumentException>(() => c.Broadcast(ints, 0)).Message);
+        Assert.Contains("take Float32, BFloat16 or Float16", Assert.Throws<ArgumentException>(() => c.Broadcast(ints, 0)).Message);
         Assert.Contains("root must be a rank from 0 to 0", Assert.Throws<ArgumentOutOfRangeException>(() => c.Broadcast(f, 1)).Message);
         using var whole = torch.zeros(16);
         using var shifted = whole.narrow(0, 3, 8);

@@ -23,6 +23,7 @@ public sealed class FsdpSingleProcessTests
     [InlineData(ShardingStrategy.ShardGradOp, PrecisionMode.Fp32)]
     [InlineData(ShardingStrategy.FullShard, PrecisionMode.Bf16)]
     [InlineData(ShardingStrategy.ShardGradOp, PrecisionMode.Bf16)]
+    [InlineData(ShardingStrategy.FullShard, PrecisionMode.Fp16)]
     public void TrainsLikeThePlainTrainer(ShardingStrategy strategy, PrecisionMode precision)
     {
         var random = new Random(5);
