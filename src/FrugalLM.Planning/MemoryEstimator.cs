@@ -371,8 +371,9 @@ public static class MemoryEstimator
         var memory = plan.Device == ComputeDevice.Cpu ? MemoryTier.Device : MemoryTier.Host;
         yield return new("weights_disk", string.Create(CultureInfo.InvariantCulture, $"frozen weights of {plan.StreamedLayers} streamed decoder layers, read from the safetensors files"),
             streamed.Sum(u => u.Stored), MemoryTier.Disk, Phases.All, "stored bytes of the streamed layers");
-        yield return new("weight_stream", $"{DiskOffloadLayout.Slots} layer buffers (layer in flight and the one read ahead)",
-            DiskOffloadLayout.Slots * streamed.Max(u => u.Frozen), memory, live, $"{DiskOffloadLayout.Slots} x largest streamed layer");
+        int slots = Math.Min(DiskOffloadLayout.Slots, plan.StreamedLayers); // one streamed layer needs one buffer
+        yield return new("weight_stream", $"{slots} layer buffer{(slots > 1 ? "s (layer in flight and the one read ahead)" : "")}",
+            slots * streamed.Max(u => u.Frozen), memory, live, $"min({DiskOffloadLayout.Slots}, streamed layers) x largest streamed layer");
         long slice = Math.Min(WeightLoadLayout.SliceBytes, streamed.Max(u => u.LargestConverted));
         long quantize = streamed.Max(u => u.LargestQuantized) * WeightLoadLayout.QuantizeBytesPerValue;
         if (slice + quantize > 0)

@@ -34,6 +34,19 @@ public static partial class DiskOffload
         LayerKey().Match(name) is { Success: true } m && int.Parse(m.Groups[1].ValueSpan, CultureInfo.InvariantCulture) >= residentLayers;
 
     /// <summary>
+    /// The disk policy for <paramref name="source"/>: <see cref="Planning.OffloadPolicy.Disk"/> with the width its floating
+    /// layer weights are stored in and whether its linear weights are stored int8, as the estimator needs them.
+    /// </summary>
+    public static Planning.OffloadPolicy Policy(HfCheckpoint source)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        var dtypes = source.TensorNames.Where(n => LayerKey().IsMatch(n))
+            .Select(n => source.TryLocate(n, out _, out var info) ? info.Dtype : "").ToHashSet(StringComparer.Ordinal);
+        int width = dtypes.Contains("F32") ? 4 : dtypes.Overlaps(["BF16", "F16"]) ? 2 : 0;
+        return Planning.OffloadPolicy.Disk with { StoredFloatBytes = width, StoredInt8 = dtypes.Contains("I8") };
+    }
+
+    /// <summary>
     /// Streams <paramref name="model"/>'s decoder layers from <paramref name="source"/>, all but the first
     /// <see cref="DiskOffloadOptions.ResidentLayers"/>. Apply it last, after quantization, LoRA and precision: it reads
     /// each layer's tensors as they then are (dtype, int8 or not) and converts or quantizes on every read where the
