@@ -15,12 +15,12 @@ public sealed class OffloadCommandTests
         Assert.Contains("placement: disk offload, 0 of 6 decoder layers resident", disk.Err);
         Assert.Contains("% of read time hidden by read-ahead", disk.Err);
 
-        // In memory the bundled model needs ~82 MiB above the baseline, streaming every layer ~71: a budget between
+        // In memory the bundled model needs ~82 MiB above the baseline, streaming every layer ~71: a budget (less its 5% headroom) between
         // them keeps some layers resident and streams the rest.
-        var budget = FrugalProcess.Run([.. Greedy, "--memory-budget", "78MiB"]);
+        var budget = FrugalProcess.Run([.. Greedy, "--memory-budget", "82MiB"]);
         Assert.Equal(0, budget.Exit);
         Assert.Equal(memory.Out, budget.Out);
-        Assert.Matches(@"placement: disk offload, [1-5] of 6 decoder layers resident \(budget 78\.0 MiB", budget.Err);
+        Assert.Matches(@"placement: disk offload, [1-5] of 6 decoder layers resident \(budget 82\.0 MiB", budget.Err);
 
         var tiny = FrugalProcess.Run([.. Greedy, "--memory-budget", "1MiB"]);
         Assert.Equal(3, tiny.Exit);
