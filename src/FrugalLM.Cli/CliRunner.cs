@@ -32,6 +32,11 @@ internal static class CliRunner
             Error(e.Message);
             return ExitCodes.BadInput;
         }
+        catch (BudgetException e)
+        {
+            Error(e.Message);
+            return ExitCodes.DoesNotFit;
+        }
         catch (OperationCanceledException)
         {
             Error("cancelled");

@@ -1,6 +1,7 @@
 using FrugalLM.IO;
 using FrugalLM.Lora;
 using FrugalLM.Models;
+using FrugalLM.Offload;
 using FrugalLM.Planning;
 using FrugalLM.Quantization;
 using FrugalLM.Tokenization;
@@ -35,6 +36,9 @@ internal sealed class InferenceModel : IDisposable
 
     public GenerationConfig? Generation => checkpoint.Generation;
 
+    /// <summary>The streamed decoder layers, when the run offloads weights to disk.</summary>
+    public OffloadedModel? Offload => applied.Offload;
+
     /// <summary>Loads <paramref name="folder"/> (plus <paramref name="adapter"/>) at <paramref name="precision"/>.</summary>
     /// <param name="folder">HF model folder.</param>
     /// <param name="adapter">PEFT LoRA adapter folder, or null.</param>
@@ -42,8 +46,10 @@ internal sealed class InferenceModel : IDisposable
     /// <param name="batch">Sequences processed together.</param>
     /// <param name="sequence">Tokens per sequence, from the tokenizer (prompt plus new tokens, or the eval length).</param>
     /// <param name="quantization">Base weights' quantization (a folder saved 8-bit is int8 whatever this says).</param>
+    /// <param name="offload">--offload (null, none or disk).</param>
+    /// <param name="budgetBytes">--memory-budget above the runtime baseline, or null.</param>
     public static InferenceModel Open(string folder, string? adapter, Planning.Precision precision, int batch, Func<HfTokenizer, int> sequence,
-        Planning.Quantization? quantization = null)
+        Planning.Quantization? quantization = null, string? offload = null, long? budgetBytes = null)
     {
         if (precision == Planning.Precision.Bf16Pure)
         {
@@ -72,15 +78,22 @@ internal sealed class InferenceModel : IDisposable
                 Device = ComputeDevice.Cpu,
             };
             var report = MemoryReport.Predict(plan);
+            if (offload is not null || budgetBytes is not null)
+            {
+                report = report.Place(offload, budgetBytes, DiskOffload.Policy(checkpoint));
+                plan = report.Plan;
+                CliRunner.Status(report.PlacementLine(budgetBytes));
+            }
             // Weights are read straight into the plan's dtype; the plan's techniques do the rest in their order
-            // (quantize, then the saved adapter in the LoRA step, then the precision).
+            // (quantize, then the saved adapter in the LoRA step, then the precision, then disk offload). Streamed
+            // layers are never loaded here: the offload reads them as they run.
             var model = checkpoint.CreateModel(WeightDtype(precision), plan.Quantization.Kind == QuantizationKind.Int8
                 ? new Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
-                : null);
-            var applied = Techniques.Apply(model, plan, adapter: adapter is null ? null : m => LoraAdapter.Load(adapter, m));
-            if (applied.Lora is { } lora && precision == Planning.Precision.Fp32 && plan.Quantization.Kind == QuantizationKind.None)
+                : null, plan.StreamsWeights ? DiskOffload.Streamed(plan.Offload.ResidentLayers) : null);
+            var applied = Techniques.Apply(model, plan, adapter: adapter is null ? null : m => LoraAdapter.Load(adapter, m), weights: checkpoint);
+            if (applied.Lora is { } lora && precision == Planning.Precision.Fp32 && plan.Quantization.Kind == QuantizationKind.None && !plan.StreamsWeights)
             {
-                lora.MergeAndUnload(); // exact in fp32, and as fast as the base
+                lora.MergeAndUnload(); // exact in fp32, and as fast as the base (a streamed base is not in memory to merge into)
             }
             model.eval();
             return new InferenceModel(checkpoint, tokenizer, model, report, applied);

@@ -38,6 +38,34 @@ internal sealed class MemoryReport
         return new MemoryReport(measured, MemoryEstimator.Estimate(measured));
     }
 
+    /// <summary>
+    /// The report of the placement <paramref name="offload"/> chooses (none, disk, or by <paramref name="budgetBytes"/>),
+    /// with this report's measured baseline; this report when nothing is to choose.
+    /// </summary>
+    /// <param name="offload">--offload: null (in memory, or chosen by the budget), none or disk.</param>
+    /// <param name="budgetBytes">--memory-budget above the runtime baseline, or null.</param>
+    /// <param name="disk">The disk policy with the folder's stored format.</param>
+    public MemoryReport Place(string? offload, long? budgetBytes, OffloadPolicy disk)
+    {
+        if (offload is not (null or "none" or "disk"))
+        {
+            throw new ArgumentException($"--offload must be none or disk (got '{offload}'); optimizer, params and all are estimated by frugal estimate but need a GPU to mean anything");
+        }
+        bool memory = offload is null or "none", streamed = offload is "disk" || (offload is null && budgetBytes is not null);
+        if (budgetBytes is not long budget)
+        {
+            return streamed ? Replan(Plan with { Offload = disk }) : this;
+        }
+        var (plan, estimate) = OffloadPlanner.Choose(Plan, budget, OffloadPlanner.Candidates(Plan, memory, streamed, disk));
+        return new MemoryReport(plan, estimate);
+    }
+
+    private static MemoryReport Replan(RunPlan plan) => new(plan, MemoryEstimator.Estimate(plan));
+
+    /// <summary>One line: the placement and its predicted bytes per tier.</summary>
+    public string PlacementLine(long? budgetBytes) => string.Create(CultureInfo.InvariantCulture,
+        $"placement: {OffloadPlanner.Describe(Plan)}{(budgetBytes is long b ? $" (budget {Mib(b)} above the baseline)" : "")}; predicted peak {Mib(Estimate.DeviceBytes - Plan.Overhead.RuntimeBaselineBytes)} in memory above the baseline{(Plan.StreamsWeights ? $" ({Mib(Estimate.Bytes("weights"))} resident weights, {Mib(Estimate.Bytes("weight_stream"))} layer buffers, {Mib(Estimate.Bytes("disk_staging"))} staging)" : "")}, {Mib(Estimate.DiskBytes)} on disk streamed per pass");
+
     /// <summary>One line: the plan and its predicted peak.</summary>
     public string PredictionLine() => string.Create(CultureInfo.InvariantCulture,
         $"memory: predicted peak {Mib(Estimate.DeviceBytes)} for {Plan.Describe()}, micro-batch {Plan.MicroBatchSize} x {Plan.SequenceLength} (runtime baseline {Mib(Plan.Overhead.RuntimeBaselineBytes)} included)");

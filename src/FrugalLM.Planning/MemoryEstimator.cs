@@ -127,6 +127,13 @@ public static class MemoryEstimator
         public long Masters;
         public long States;
         public long Trainable;
+
+        // Disk offload: the frozen weights a streamed layer reads (in memory and as stored), the largest tensor converted
+        // from another stored width on each read, and the largest linear weight quantized on each read.
+        public long Frozen;
+        public long Stored;
+        public long LargestConverted;
+        public long LargestQuantized;
     }
 
     private sealed class TensorAccount
@@ -159,13 +166,29 @@ public static class MemoryEstimator
             bool quantized = plan.Quantization.Kind != QuantizationKind.None && t.Role == TensorRole.LayerLinearWeight;
             int key = t.Layer >= 0 ? t.Layer : t.Role is TensorRole.FinalNorm or TensorRole.LmHead ? HeadUnit : EmbeddingUnit;
             var unit = account[key];
-            long weightBytes = quantized ? plan.Quantization.WeightBytes(t.Count, t.Rows) : t.Count * (plan.KeepsInFp32(t.Role) ? 4 : a);
-            unit.Weights += weightBytes;
+            long inMemory = quantized ? plan.Quantization.WeightBytes(t.Count, t.Rows) : t.Count * (plan.KeepsInFp32(t.Role) ? 4 : a);
+            unit.Weights += inMemory;
+            if (!adapter)
+            {
+                long stored = plan.Offload.StoredFloatBytes > 0 ? plan.Offload.StoredFloatBytes : a;
+                bool quantizedOnRead = quantized && !plan.Offload.StoredInt8;
+                long storedBytes = quantized && plan.Offload.StoredInt8 ? inMemory : t.Count * stored;
+                unit.Frozen += inMemory;
+                unit.Stored += storedBytes;
+                if (quantizedOnRead)
+                {
+                    unit.LargestQuantized = Math.Max(unit.LargestQuantized, t.Count);
+                }
+                if (quantizedOnRead ? stored != 4 : storedBytes != inMemory)
+                {
+                    unit.LargestConverted = Math.Max(unit.LargestConverted, storedBytes);
+                }
+            }
             if (!trainable)
             {
                 continue;
             }
-            unit.TrainableWeights += weightBytes;
+            unit.TrainableWeights += inMemory;
             long masters = plan.UsesMasterWeights ? 4 * t.Count : 0;
             long states = OptimizerStateBytes(plan, t.Count, t.Role);
             unit.Gradients += t.Count * a;
@@ -192,8 +215,16 @@ public static class MemoryEstimator
         // FSDP shards what trains; a frozen base (LoRA, int8) is replicated on every rank, as FrugalLM's FSDP does.
         long frozen = t.Sum(u => u.Weights - u.TrainableWeights);
         long weights = fullShard ? t.Sharded(u => u.TrainableWeights, ranks) + frozen : t.Sum(u => u.Weights);
-        list.Add(new("weights", WeightsLabel(plan), weights, offload.Weights, Phases.All,
-            WeightsFormula(plan) + (fullShard ? per + (frozen > 0 ? " (the trainable part; the frozen base replicated)" : "") : "")));
+        if (plan.StreamsWeights)
+        {
+            list.Add(new("weights", WeightsLabel(plan) + " kept in memory: embeddings, head, norms, adapters", weights - StreamedFrozen(plan, t),
+                MemoryTier.Device, Phases.All, WeightsFormula(plan) + "; streamed layers' frozen weights excluded"));
+        }
+        else
+        {
+            list.Add(new("weights", WeightsLabel(plan), weights, offload.Weights, Phases.All,
+                WeightsFormula(plan) + (fullShard ? per + (frozen > 0 ? " (the trainable part; the frozen base replicated)" : "") : "")));
+        }
         list.Add(new("master_weights", "fp32 master weights of trainable parameters", t.Sharded(u => u.Masters, ranks),
             offload.OptimizerStates, Phases.All, "4 B x trainable parameters" + per));
 
@@ -233,7 +264,8 @@ public static class MemoryEstimator
 
         // Activations.
         long layer = ActivationModel.LayerBytes(plan, b, s);
-        int layers = m.NumHiddenLayers, k = plan.Checkpointing.Interval;
+        // Disk offload runs each streamed layer without a graph and recomputes it in backward: checkpointing every layer.
+        int layers = m.NumHiddenLayers, k = plan.StreamsWeights ? 1 : plan.Checkpointing.Interval;
         if (k == 0)
         {
             list.Add(new("activations", "activations kept by every decoder layer", checked(layers * layer), MemoryTier.Device,
@@ -284,7 +316,7 @@ public static class MemoryEstimator
             list.Add(new("fsdp_gathered", "FSDP gathered weights (root, current and prefetched layer)", gathered,
                 MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "trainable weights of embedding + head + 2 x largest layer"));
         }
-        else if (offload.Weights != MemoryTier.Device)
+        else if (offload.Weights == MemoryTier.Host)
         {
             list.Add(new("weight_stream", "device buffers for streamed weights (current and next unit)", 2 * t.Largest(u => u.Weights),
                 MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "2 x largest unit"));
@@ -304,7 +336,10 @@ public static class MemoryEstimator
         long b = plan.MicroBatchSize, s = plan.SequenceLength;
         var list = new List<MemoryComponent>
         {
-            new("weights", WeightsLabel(plan), t.Sum(u => u.Weights), offload.Weights, Phases.All | Phases.Loading, WeightsFormula(plan)),
+            plan.StreamsWeights
+                ? new("weights", WeightsLabel(plan) + " kept in memory: embeddings, head, final norm, resident layers", t.Sum(u => u.Weights) - StreamedFrozen(plan, t),
+                    MemoryTier.Device, Phases.All | Phases.Loading, WeightsFormula(plan) + "; streamed layers excluded")
+                : new("weights", WeightsLabel(plan), t.Sum(u => u.Weights), offload.Weights, Phases.All | Phases.Loading, WeightsFormula(plan)),
             LoadWorkspace(plan),
             new("kv_cache", "KV cache", ActivationModel.KvCacheBytes(plan, b, s), MemoryTier.Device, Phases.All,
                 $"2 x layers x b x s x kv_heads x head_dim x {plan.ComputeBytes} B"),
@@ -312,7 +347,7 @@ public static class MemoryEstimator
                 ActivationModel.GenerationWorkspaceBytes(plan, b, s), MemoryTier.Device, Phases.All, "widest block of one layer"),
             new("inputs", "token ids (int64)", checked(b * s * 8), MemoryTier.Device, Phases.All, "b x s x 8 B"),
         };
-        if (offload.Weights != MemoryTier.Device)
+        if (offload.Weights == MemoryTier.Host)
         {
             list.Add(new("weight_stream", "device buffers for streamed weights (current and next unit)", 2 * t.Largest(u => u.Weights),
                 MemoryTier.Device, Phases.All, "2 x largest unit"));
@@ -337,23 +372,38 @@ public static class MemoryEstimator
                 "2 x min(8 MiB, largest tensor in fp32)");
     }
 
+    // The frozen weights of the streamed layers (the last StreamedLayers decoder layers), in memory form.
+    private static long StreamedFrozen(RunPlan plan, TensorAccount t) => Streamed(plan, t).Sum(u => u.Frozen);
+
+    private static IEnumerable<Unit> Streamed(RunPlan plan, TensorAccount t) =>
+        t.Units.Where(kv => kv.Key >= plan.Model.NumHiddenLayers - plan.StreamedLayers).Select(kv => kv.Value);
+
+    // Disk offload, as the layer streamer runs it: the streamed layers' weights stay in their files (disk tier); each is
+    // read into one of DiskOffloadLayout.Slots buffers of the largest streamed layer; a read that converts a stored width
+    // goes through one staging slice, and one that quantizes to int8 holds the largest linear weight in fp32 with its
+    // temporaries. Reads run on a background thread during compute, so all of it is alive throughout.
     private static IEnumerable<MemoryComponent> DiskStaging(RunPlan plan, TensorAccount t)
     {
-        var offload = plan.EffectiveOffload;
-        long staging = 0;
-        if (offload.Weights == MemoryTier.Disk)
+        if (!plan.StreamsWeights || plan.StreamedLayers == 0)
         {
-            staging += 2 * t.Largest(u => u.Weights);
+            yield break;
         }
-        if (plan.Trains && offload.OptimizerStates == MemoryTier.Disk)
+        var streamed = Streamed(plan, t).ToList();
+        var live = Phases.All | (plan.Trains ? Phases.None : Phases.Loading);
+        var memory = plan.Device == ComputeDevice.Cpu ? MemoryTier.Device : MemoryTier.Host;
+        yield return new("weights_disk", string.Create(CultureInfo.InvariantCulture, $"frozen weights of {plan.StreamedLayers} streamed decoder layers, read from the safetensors files"),
+            streamed.Sum(u => u.Stored), MemoryTier.Disk, Phases.All, "stored bytes of the streamed layers");
+        int slots = Math.Min(DiskOffloadLayout.Slots, plan.StreamedLayers); // one streamed layer needs one buffer
+        yield return new("weight_stream", $"{slots} layer buffer{(slots > 1 ? "s (layer in flight and the one read ahead)" : "")}",
+            slots * streamed.Max(u => u.Frozen), memory, live, $"min({DiskOffloadLayout.Slots}, streamed layers) x largest streamed layer");
+        long slice = Math.Min(WeightLoadLayout.SliceBytes, streamed.Max(u => u.LargestConverted));
+        long quantize = streamed.Max(u => u.LargestQuantized) * WeightLoadLayout.QuantizeBytesPerValue;
+        if (slice + quantize > 0)
         {
-            staging += 2 * t.LargestTrainableOptimizerBytes;
-        }
-        if (staging > 0)
-        {
-            var tier = plan.Device == ComputeDevice.Cpu ? MemoryTier.Device : MemoryTier.Host;
-            yield return new("disk_staging", "RAM buffers for tensors read from disk (double-buffered)", staging, tier,
-                Phases.All, "2 x largest unit (+ 2 x largest tensor's optimizer state)");
+            yield return new("disk_staging", quantize > 0 ? "reading: the largest linear weight quantized to int8 from its fp32 copy, and one staging slice"
+                    : "reading: one staging slice converting the stored width",
+                slice + quantize, memory, live,
+                quantize > 0 ? $"largest layer weight x {WeightLoadLayout.QuantizeBytesPerValue} B + min(8 MiB, largest stored tensor)" : "min(8 MiB, largest stored tensor)");
         }
     }
 

@@ -200,6 +200,17 @@ public static class WeightLoadLayout
 }
 
 /// <summary>
+/// How disk offload streams decoder layers, read by the estimator and by the runtime's layer streamer: every streamed
+/// layer is read into one of <see cref="Slots"/> reusable buffers of one layer each; while one layer runs, the next is
+/// read into the other on a background thread.
+/// </summary>
+public static class DiskOffloadLayout
+{
+    /// <summary>Layer buffers: the layer in flight and the one read ahead.</summary>
+    public const int Slots = 2;
+}
+
+/// <summary>
 /// How a 16-bit linear product is computed where the CPU has no arithmetic for its dtype (fp16 here): in fp32,
 /// tiled over the output features so the fp32 copies of the weight and of the output exist one tile of at most
 /// <see cref="TileElements"/> values at a time; the input's fp32 copy is whole. The estimator and
@@ -309,8 +320,32 @@ public sealed record OffloadPolicy(string Name, MemoryTier Weights, MemoryTier G
     /// <summary>Weights, gradients and optimizer on the host (FSDP CPUOffload(offload_params=True)).</summary>
     public static OffloadPolicy All { get; } = new("all", MemoryTier.Host, MemoryTier.Host, MemoryTier.Host);
 
-    /// <summary>Weights and optimizer on disk, gradients on the host; host keeps staging buffers.</summary>
-    public static OffloadPolicy Disk { get; } = new("disk", MemoryTier.Disk, MemoryTier.Host, MemoryTier.Disk);
+    /// <summary>
+    /// The frozen weights of the decoder layers stay in the model folder's safetensors files and are read into reusable
+    /// buffers one layer at a time, the next layer read ahead (<see cref="DiskOffloadLayout"/>); gradients and the
+    /// optimizer (a LoRA run's adapters and their states) stay on the host. Embeddings, final norm and head stay resident,
+    /// as do the first <see cref="ResidentLayers"/> decoder layers.
+    /// </summary>
+    public static OffloadPolicy Disk { get; } = new("disk", MemoryTier.Disk, MemoryTier.Host, MemoryTier.Host);
+
+    /// <summary>
+    /// Under disk offload: decoder layers kept resident (the first ones), the rest streamed from disk. 0 streams every
+    /// layer. A memory budget chooses it (<c>--memory-budget</c>).
+    /// </summary>
+    public int ResidentLayers { get; init; }
+
+    /// <summary>
+    /// Under disk offload: bytes per element of the floating weights in the files streamed from (2 for a bf16/fp16
+    /// folder, 4 for fp32); 0 means as computed. A stored width other than the compute width is converted on every
+    /// read through a staging slice (<see cref="WeightLoadLayout.SliceBytes"/>).
+    /// </summary>
+    public int StoredFloatBytes { get; init; }
+
+    /// <summary>
+    /// Under disk offload with an int8 base: true when the files hold the int8 weights (a folder written by
+    /// <c>frugal quantize</c>), false when each linear weight is read in float and quantized on every read.
+    /// </summary>
+    public bool StoredInt8 { get; init; }
 
     /// <summary>The named policies.</summary>
     public static IReadOnlyList<OffloadPolicy> Named { get; } = [None, Optimizer, Params, All, Disk];

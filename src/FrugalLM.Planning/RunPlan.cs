@@ -93,6 +93,12 @@ public sealed record RunPlan
     /// <summary>The offload policy as it applies on this plan's device.</summary>
     public OffloadPolicy EffectiveOffload => Offload.For(Device);
 
+    /// <summary>Whether decoder layers are streamed from disk (<see cref="OffloadPolicy.Disk"/>).</summary>
+    public bool StreamsWeights => EffectiveOffload.Weights == MemoryTier.Disk;
+
+    /// <summary>The decoder layers streamed from disk (0 unless <see cref="StreamsWeights"/>): all but the resident ones.</summary>
+    public int StreamedLayers => StreamsWeights ? Model.NumHiddenLayers - Offload.ResidentLayers : 0;
+
     /// <summary>The LoRA module names resolved against the model (empty without LoRA).</summary>
     public IReadOnlyList<string> LoraTargets => Lora?.ResolveTargets(Model) ?? [];
 
@@ -153,6 +159,20 @@ public sealed record RunPlan
         }
         var offload = EffectiveOffload;
         Require(offload.Gradients != MemoryTier.Disk, "gradients cannot live on disk");
+        Require(offload.OptimizerStates != MemoryTier.Disk, "optimizer states cannot live on disk (disk offload keeps adapters and their optimizer in memory)");
+        Require(Offload.ResidentLayers >= 0 && Offload.ResidentLayers <= Model.NumHiddenLayers,
+            $"resident layers must be between 0 and the model's {Model.NumHiddenLayers} (got {Offload.ResidentLayers})");
+        if (StreamsWeights)
+        {
+            Require(Sharding.Strategy == ShardingStrategy.None, "disk offload does not compose with FSDP sharding");
+            Require(!Trains || Lora is not null, "disk offload streams frozen weights: training needs LoRA adapters (--lora-r)");
+            Require(!Trains || Offload.ResidentLayers == 0, "training with disk offload streams every decoder layer (resident layers apply to generation)");
+            Require(Offload.StoredFloatBytes is 0 or 2 or 4, $"stored float width must be 2 or 4 bytes (got {Offload.StoredFloatBytes})");
+            if (Trains && Checkpointing.Interval > 1)
+            {
+                warnings.Add("disk offload recomputes every streamed layer in backward: checkpointing every k layers is replaced by that");
+            }
+        }
         Require(!(Sharding.Strategy == ShardingStrategy.ShardGradOp && Sharding.WorldSize > 1 && offload.Weights != MemoryTier.Device),
             "grad-op sharding keeps full weights on every GPU; offload weights with --fsdp full instead");
         if (!Trains)

@@ -1,6 +1,8 @@
 using FrugalLM.Checkpointing;
+using FrugalLM.IO;
 using FrugalLM.Lora;
 using FrugalLM.Models;
+using FrugalLM.Offload;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
 using FrugalLM.Quantization;
@@ -10,16 +12,21 @@ namespace FrugalLM;
 /// <summary>What <see cref="Techniques.Apply"/> set up on a model.</summary>
 /// <param name="Precision">The precision policy the trainer drives.</param>
 /// <param name="Lora">The LoRA adapters, when the plan has them.</param>
-public sealed record AppliedTechniques(MixedPrecision Precision, LoraModel? Lora) : IDisposable
+/// <param name="Offload">The streamed decoder layers, when the plan offloads weights to disk.</param>
+public sealed record AppliedTechniques(MixedPrecision Precision, LoraModel? Lora, OffloadedModel? Offload = null) : IDisposable
 {
     /// <inheritdoc />
-    public void Dispose() => Precision.Dispose();
+    public void Dispose()
+    {
+        Offload?.Dispose();
+        Precision.Dispose();
+    }
 }
 
 /// <summary>
 /// Applies a plan's techniques to a loaded model in the one fixed order they compose in: quantize the base,
 /// add LoRA adapters, set the precision (with fp32 norms and head when the plan keeps them,
-/// <see cref="KbitTraining"/>), wrap layers for checkpointing (sharding and offloading come last).
+/// <see cref="KbitTraining"/>), wrap layers for checkpointing or, under disk offload, stream them (sharding comes last).
 /// Each step is a module replacement or wrapper that knows nothing of the others.
 /// </summary>
 public static class Techniques
@@ -30,8 +37,15 @@ public static class Techniques
     /// <param name="seed">Seed of new adapters' initialization.</param>
     /// <param name="adapter">Loads existing adapters in the LoRA step instead of creating the plan's (generation
     /// and evaluation with a saved adapter).</param>
-    public static AppliedTechniques Apply(CausalLM model, RunPlan plan, long seed = 0, Func<CausalLM, LoraModel>? adapter = null)
+    /// <param name="weights">The folder the model was created from, for a plan that streams weights from disk (create the
+    /// model with <see cref="DiskOffload.Streamed"/> deferred, in the compute dtype, so those weights are never loaded).</param>
+    public static AppliedTechniques Apply(CausalLM model, RunPlan plan, long seed = 0, Func<CausalLM, LoraModel>? adapter = null, HfCheckpoint? weights = null)
     {
+        ArgumentNullException.ThrowIfNull(plan);
+        if (plan.StreamsWeights && weights is null)
+        {
+            throw new ArgumentException("disk offload streams weights from the model folder: pass the checkpoint", nameof(weights));
+        }
         if (!plan.Trains)
         {
             foreach (var p in model.parameters())
@@ -66,10 +80,14 @@ public static class Techniques
         // After quantization (an int8 head stays int8) and LoRA (adapters follow the compute precision).
         var fp32 = plan.Trains && plan.Fp32NormsAndHead ? Fp32NormsAndHead.Apply(model) : [];
         var precision = MixedPrecision.Apply(model, plan.Precision, plan.GradientAccumulationSteps, fp32Modules: fp32);
-        if (plan.Trains && plan.Checkpointing.Enabled)
+        // Disk offload recomputes every streamed layer in backward itself, so it takes checkpointing's place.
+        if (plan.Trains && plan.Checkpointing.Enabled && !plan.StreamsWeights)
         {
             ActivationCheckpointing.Apply(model, plan.Checkpointing.Interval);
         }
-        return new AppliedTechniques(precision, lora);
+        var offload = plan.StreamsWeights
+            ? DiskOffload.Apply(model, weights!, new DiskOffloadOptions { ResidentLayers = plan.Offload.ResidentLayers })
+            : null;
+        return new AppliedTechniques(precision, lora, offload);
     }
 }

@@ -355,10 +355,31 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(MemoryTier.Host, all.Components.Single(c => c.Key == "weights").Tier);
         Assert.Equal(2 * 10_880, all.Bytes("weight_stream"));
 
-        var disk = MemoryEstimator.Estimate(Tiny.Plan() with { Offload = OffloadPolicy.Disk });
-        Assert.Equal(34_624 + 69_248, disk.DiskBytes); // weights and optimizer states
-        // Staging: 2 x largest unit (10,880) + 2 x largest tensor's optimizer bytes (1600 x 8 = 12,800).
-        Assert.Equal(2 * 10_880 + 2 * 12_800, disk.Bytes("disk_staging"));
+        // Disk: a LoRA run streams both layers' frozen weights from the files (fp32: 2 x 10,880 B) through two layer buffers;
+        // embeddings, final norm, head and the adapters (q_proj r2: 2 x (2x16 + 16x2) x 4 B = 512 B) stay in memory.
+        var lora = Tiny.Plan() with { Lora = new LoraSettings(2, 4, ["q_proj"], 0), Offload = OffloadPolicy.Disk };
+        var disk = MemoryEstimator.Estimate(lora);
+        Assert.Equal(2 * 10_880, disk.DiskBytes);
+        Assert.Equal(2 * 10_880, disk.Bytes("weight_stream"));
+        Assert.Equal(0, disk.Bytes("disk_staging"));
+        Assert.Equal((1_600 + 16 + 1_600) * 4 + 512, disk.Bytes("weights"));
+        // Streamed layers are recomputed in backward: activations as with checkpointing every layer.
+        var checkpointed = MemoryEstimator.Estimate(lora with { Offload = OffloadPolicy.None, Checkpointing = Checkpointing.EveryLayer });
+        Assert.Equal(checkpointed.Bytes("activation_recompute"), disk.Bytes("activation_recompute"));
+        // bf16 files read into fp32: 2 B per weight on disk, and a staging slice of the largest stored tensor (640 x 2 B).
+        var converted = MemoryEstimator.Estimate(lora with { Offload = OffloadPolicy.Disk with { StoredFloatBytes = 2 } });
+        Assert.Equal(2 * 2_720 * 2, converted.DiskBytes);
+        Assert.Equal(1_280, converted.Bytes("disk_staging"));
+        // Generation with the first layer resident streams one layer.
+        var generate = MemoryEstimator.Estimate(Tiny.Plan() with
+        {
+            Mode = RunMode.Generate,
+            Optimizer = OptimizerKind.None,
+            Offload = OffloadPolicy.Disk with { ResidentLayers = 1 },
+        });
+        Assert.Equal(10_880, generate.DiskBytes);
+        Assert.Equal(8_656 * 4 - 10_880, generate.Bytes("weights"));
+        Assert.Throws<PlanException>(() => MemoryEstimator.Estimate(Tiny.Plan() with { Offload = OffloadPolicy.Disk })); // full training: nothing frozen
 
         // On a CPU run the host is the device: nothing is "offloaded" to it.
         var cpu = MemoryEstimator.Estimate(Tiny.Plan() with

@@ -28,11 +28,12 @@ internal static class EvalCommand
         var json = new Option<bool>("--json") { Description = "Print the result as JSON" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
         var quantize = new QuantizeOptions();
+        var offload = new OffloadOptions();
         var command = new Command("eval", "Held-out loss, perplexity and (for prompt/completion data) exact-match accuracy")
         {
             model, adapter, data, all, batch, seq, precision, maxBatches, maxNew, json, threads,
         };
-        foreach (var option in quantize.All)
+        foreach (var option in quantize.All.Concat(offload.All))
         {
             command.Options.Add(option);
         }
@@ -41,7 +42,7 @@ internal static class EvalCommand
             TorchRuntime.Initialize(pr.GetValue(threads));
             int sequence = pr.GetValue(seq);
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!),
-                pr.GetValue(batch), _ => sequence, quantize.Read(pr));
+                pr.GetValue(batch), _ => sequence, quantize.Read(pr), pr.GetValue(offload.Offload), offload.ReadBudget(pr));
             var tokenizer = loaded.Tokenizer;
             int eos = tokenizer.EosTokenIds.Count > 0 ? tokenizer.EosTokenIds[0] : throw new ArgumentException("the tokenizer defines no EOS token");
             var corpus = TrainingData.Load(pr.GetValue(data)!, t => tokenizer.Encode(t, addBos: false), eos, tokenizer.PadTokenId ?? eos, sequence);
@@ -80,7 +81,12 @@ internal static class EvalCommand
             {
                 lines.ForEach(Console.Out.WriteLine);
             }
+            if (loaded.Offload is { } streamed)
+            {
+                CliRunner.Status(OffloadOptions.StatsLine(streamed));
+            }
             CliRunner.Status($"peak memory {MemoryProbe.Mib(MemoryProbe.PeakBytes)}");
+            CliRunner.Status(loaded.Report.ComparisonLine(MemoryProbe.PeakBytes));
             return ExitCodes.Ok;
         }));
         return command;

@@ -29,12 +29,13 @@ internal static class GenerateCommand
         var precision = new Option<string>("--precision") { Description = "fp32; bf16 (half the weight memory, computed natively with AVX-512 BF16); fp16 (half the weight memory, the article's model.half(): this CPU has no fp16 arithmetic, so fp16 is a storage format and matmuls run in fp32)", DefaultValueFactory = _ => "fp32" };
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
         var quantize = new QuantizeOptions();
+        var offload = new OffloadOptions();
         var adapter = new Option<string?>("--adapter") { Description = "A PEFT LoRA adapter folder to apply (merged into fp32 weights; kept separate at 16 bits)" };
         var command = new Command("generate", "Continue a prompt, streaming the text to stdout (stats go to stderr)")
         {
             model, adapter, prompt, maxNew, temperature, topK, topP, seed, stop, precision, threads,
         };
-        foreach (var option in quantize.All)
+        foreach (var option in quantize.All.Concat(offload.All))
         {
             command.Options.Add(option);
         }
@@ -44,7 +45,7 @@ internal static class GenerateCommand
             var text = pr.GetValue(prompt) ?? "";
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!), 1,
                 tokenizer => Math.Max(1, tokenizer.Encode(text, addBos: tokenizer.AddBosToken).Count) + Math.Max(0, pr.GetValue(maxNew)),
-                quantize.Read(pr));
+                quantize.Read(pr), pr.GetValue(offload.Offload), offload.ReadBudget(pr));
             var llama = loaded.Model;
             var tokenizer = loaded.Tokenizer;
             var report = loaded.Report;
@@ -73,6 +74,10 @@ internal static class GenerateCommand
             Console.Out.WriteLine();
             CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
                 $"[{result.NewTokens} tokens, stop: {result.StopReason}; prefill {result.PromptTokens} tokens {result.PrefillTime.TotalMilliseconds:F0} ms, decode {result.DecodeTokensPerSecond:F1} tokens/s; peak memory {MemoryProbe.Mib(MemoryProbe.PeakBytes)}]"));
+            if (loaded.Offload is { } streamed)
+            {
+                CliRunner.Status(OffloadOptions.StatsLine(streamed));
+            }
             CliRunner.Status(report.ComparisonLine(MemoryProbe.PeakBytes));
             return ExitCodes.Ok;
         }));

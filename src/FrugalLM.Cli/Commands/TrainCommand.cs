@@ -63,13 +63,14 @@ internal static class TrainCommand
         var fsdp = new Option<string>("--fsdp") { Description = "Shard trainable parameters, gradients and optimizer states across the ranks of 'frugal launch -n N -- train ...': full (FULL_SHARD, ZeRO-3: layers gathered as they run and recomputed in backward), grad-op (SHARD_GRAD_OP, ZeRO-2: gathered weights kept through backward) or none", DefaultValueFactory = _ => "none" };
         var collectiveTimeout = new Option<string>("--collective-timeout") { Description = "Under frugal launch: abort the job when a collective waits longer than this for the other ranks (a hung rank), e.g. 90s, 5m; 0 = wait forever", DefaultValueFactory = _ => "5m" };
         var quantize = new QuantizeOptions();
+        var offloadOptions = new OffloadOptions();
         var command = new Command("train", "Train a LLaMA or OPT model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
             samplePrompt, threads, fsdp, collectiveTimeout,
         };
-        foreach (var option in quantize.All)
+        foreach (var option in quantize.All.Concat(offloadOptions.All))
         {
             command.Options.Add(option);
         }
@@ -162,22 +163,41 @@ internal static class TrainCommand
             CliRunner.Status($"data: {corpus.Describe()}");
 
             var report = MemoryReport.Predict(plan);
+            var budget = offloadOptions.ReadBudget(pr);
+            if (pr.GetValue(offloadOptions.Offload) is not null || budget is not null)
+            {
+                if ((checkpoint is null || plan.Lora is null) && pr.GetValue(offloadOptions.Offload) == "disk")
+                {
+                    throw new ArgumentException("--offload disk streams a frozen base from its folder: train LoRA adapters on it (--model and --lora-r)");
+                }
+                report = report.Place(pr.GetValue(offloadOptions.Offload), budget,
+                    checkpoint is null || plan.Lora is null ? OffloadPolicy.None : Offload.DiskOffload.Policy(checkpoint));
+                plan = report.Plan;
+                CliRunner.Status(report.PlacementLine(budget));
+            }
             CliRunner.Status(report.PredictionLine());
 
-            using var lm = checkpoint?.CreateModel(quantize: plan.Quantization.Kind == QuantizationKind.Int8
+            // A streamed base is created in the compute dtype (so that no precision step converts, and so touches, the
+            // weights it never loads) with the streamed layers' tensors left unloaded.
+            using var lm = checkpoint?.CreateModel(plan.StreamsWeights && plan.ComputeBytes == 2 ? plan.Precision == Precision.Fp16 ? TorchSharp.torch.ScalarType.Float16 : TorchSharp.torch.ScalarType.BFloat16 : TorchSharp.torch.ScalarType.Float32,
+                plan.Quantization.Kind == QuantizationKind.Int8
                 ? new Quantization.Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
-                : null) ?? CausalLM.Create(architecture);
+                : null, plan.StreamsWeights ? Offload.DiskOffload.Streamed(plan.Offload.ResidentLayers) : null) ?? CausalLM.Create(architecture);
             if (checkpoint is null)
             {
                 lm.InitializeWeights(pr.GetValue(seed));
             }
             var generation = checkpoint?.Generation ?? DefaultGeneration(tokenizer);
             var prompt = pr.GetValue(samplePrompt);
-            if (prompt is not null)
+            if (prompt is not null && !plan.StreamsWeights)
             {
                 Sample("before", lm, tokenizer, prompt);
             }
-            using var applied = Techniques.Apply(lm, plan, pr.GetValue(seed));
+            using var applied = Techniques.Apply(lm, plan, pr.GetValue(seed), weights: checkpoint);
+            if (prompt is not null && plan.StreamsWeights)
+            {
+                Sample("before", lm, tokenizer, prompt); // new adapters add nothing yet (B = 0): this is the base
+            }
             var mixed = applied.Precision;
             if (applied.Lora is { } adapters)
             {
@@ -246,6 +266,10 @@ internal static class TrainCommand
             if (prompt is not null)
             {
                 Sample("after", lm, tokenizer, prompt);
+            }
+            if (applied.Offload is { } streamed)
+            {
+                CliRunner.Status(OffloadOptions.StatsLine(streamed));
             }
             CliRunner.Status(report.ComparisonLine(result.PeakBytes));
             if (sharded is not null)

@@ -136,7 +136,10 @@ public sealed class HfCheckpoint : IDisposable
     /// <param name="dtype">Dtype of the floating weights.</param>
     /// <param name="quantize">Quantize a float checkpoint's linear layers to int8 while loading (each float
     /// weight is read and quantized one at a time, so the float model never exists in memory).</param>
-    public CausalLM CreateModel(ScalarType dtype = ScalarType.Float32, Int8Options? quantize = null)
+    /// <param name="deferred">Tensors (by checkpoint name) left unloaded: their memory is allocated but never touched,
+    /// so it is not resident, until a technique takes them over (disk offload streams them). They are still checked
+    /// against the file's shapes.</param>
+    public CausalLM CreateModel(ScalarType dtype = ScalarType.Float32, Int8Options? quantize = null, Func<string, bool>? deferred = null)
     {
         var model = CausalLM.Create(Spec(), dtype);
         try
@@ -145,7 +148,7 @@ public sealed class HfCheckpoint : IDisposable
             {
                 Int8Checkpoint.ReplaceWithEmpty(model, int8);
             }
-            LoadInto(model);
+            LoadInto(model, deferred);
             return model;
         }
         catch
@@ -161,6 +164,20 @@ public sealed class HfCheckpoint : IDisposable
             ? file.Load(name, dtype)
             : throw new CheckpointFormatException(Folder, $"tensor '{name}' is not in the checkpoint");
 
+    /// <summary>The file holding tensor <paramref name="name"/> and its header entry, or false when the checkpoint lacks it.</summary>
+    public bool TryLocate(string name, out SafeTensorsFile file, out SafeTensorInfo info)
+    {
+        if (tensorFiles.TryGetValue(name, out var found))
+        {
+            file = found;
+            info = found.Get(name);
+            return true;
+        }
+        file = null!;
+        info = null!;
+        return false;
+    }
+
     /// <summary>Every parameter and persistent buffer of a model by name: what a checkpoint holds.</summary>
     public static IEnumerable<(string Name, Tensor Tensor)> State(nn.Module model) =>
         model.named_parameters().Select(p => (p.name, (Tensor)p.parameter))
@@ -171,7 +188,9 @@ public sealed class HfCheckpoint : IDisposable
     /// unexpected key or a shape mismatch is an error naming the file, the tensor and both shapes, raised
     /// before any weight is written, so a failed load never leaves a half-loaded model.
     /// </summary>
-    public void LoadInto(nn.Module model)
+    /// <param name="model">The model.</param>
+    /// <param name="deferred">Tensors validated but not copied (see <see cref="CreateModel"/>).</param>
+    public void LoadInto(nn.Module model, Func<string, bool>? deferred = null)
     {
         var parameters = State(model).ToDictionary(p => p.Name, p => p.Tensor, StringComparer.Ordinal);
         // Int8 layers over a float checkpoint quantize their weight while loading; their SCB and format come
@@ -222,9 +241,12 @@ public sealed class HfCheckpoint : IDisposable
         using var noGrad = no_grad();
         foreach (var (name, parameter) in parameters)
         {
-            tensorFiles[name].CopyTo(name, parameter);
+            if (deferred?.Invoke(name) != true)
+            {
+                tensorFiles[name].CopyTo(name, parameter);
+            }
         }
-        foreach (var (path, layer) in quantizeOnLoad)
+        foreach (var (path, layer) in quantizeOnLoad.Where(q => deferred?.Invoke(q.name + ".weight") != true))
         {
             using var weight = Load(path + ".weight");
             layer.LoadFloatWeight(weight);

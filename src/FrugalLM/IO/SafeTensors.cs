@@ -69,6 +69,9 @@ public sealed unsafe class SafeTensorsFile : IDisposable
     /// <summary>The tensors, by name.</summary>
     public IReadOnlyDictionary<string, SafeTensorInfo> Tensors => tensors;
 
+    /// <summary>Offset in the file of the data section (tensors' <see cref="SafeTensorInfo.Begin"/> counts from here).</summary>
+    public long DataStart => dataStart;
+
     /// <summary>The header's <c>__metadata__</c> strings.</summary>
     public IReadOnlyDictionary<string, string> Metadata { get; }
 

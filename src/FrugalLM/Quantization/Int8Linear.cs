@@ -124,6 +124,23 @@ public sealed class Int8Linear : nn.Module<Tensor, Tensor>, ILinearLayer
     }
 
     /// <summary>
+    /// Quantizes a float weight [out, in] row-wise into <paramref name="int8Weight"/> (int8 [out, in]) and
+    /// <paramref name="scb"/> (fp32 [out]) exactly as <see cref="LoadFloatWeight"/> does, for buffers that no layer
+    /// holds yet (disk offload quantizes the next layer while the current one runs).
+    /// </summary>
+    public static void QuantizeInto(Tensor weight, Tensor int8Weight, Tensor scb)
+    {
+        ArgumentNullException.ThrowIfNull(weight);
+        ArgumentNullException.ThrowIfNull(int8Weight);
+        ArgumentNullException.ThrowIfNull(scb);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var (cb, rows) = QuantizeRows(weight);
+        int8Weight.copy_(cb);
+        scb.copy_(rows);
+    }
+
+    /// <summary>
     /// Runs this layer's code once on a tiny layer (quantizing a float weight, the forward in fp32 and bf16 with an
     /// outlier feature, and the backward to the input), so the JIT-compiled kernels and their thread pool belong
     /// to the runtime baseline a memory report measures, as <see cref="TorchRuntime.WarmUpKernels"/> does for

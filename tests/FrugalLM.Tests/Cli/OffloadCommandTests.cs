@@ -1,0 +1,30 @@
+namespace FrugalLM.Tests.Cli;
+
+/// <summary><c>--offload disk</c> and <c>--memory-budget</c> through the command line, on the bundled model.</summary>
+public sealed class OffloadCommandTests
+{
+    private static readonly string[] Greedy = ["generate", "--model", FrugalProcess.BundledModel, "--prompt", "And God said", "--max-new-tokens", "20", "--temperature", "0"];
+
+    [Fact]
+    public void DiskOffloadAndABudgetGiveTheInMemoryTokensAndNothingFittingExitsThree()
+    {
+        var memory = FrugalProcess.Run(Greedy);
+        var disk = FrugalProcess.Run([.. Greedy, "--offload", "disk"]);
+        Assert.Equal(0, disk.Exit);
+        Assert.Equal(memory.Out, disk.Out);
+        Assert.Contains("placement: disk offload, 0 of 6 decoder layers resident", disk.Err);
+        Assert.Contains("% of read time hidden by read-ahead", disk.Err);
+
+        // In memory the bundled model needs ~82 MiB above the baseline, streaming every layer ~71: a budget (less its 5% headroom) between
+        // them keeps some layers resident and streams the rest.
+        var budget = FrugalProcess.Run([.. Greedy, "--memory-budget", "82MiB"]);
+        Assert.Equal(0, budget.Exit);
+        Assert.Equal(memory.Out, budget.Out);
+        Assert.Matches(@"placement: disk offload, [1-5] of 6 decoder layers resident \(budget 82\.0 MiB", budget.Err);
+
+        var tiny = FrugalProcess.Run([.. Greedy, "--memory-budget", "1MiB"]);
+        Assert.Equal(3, tiny.Exit);
+        Assert.Contains("nothing fits the memory budget of 1.0 MiB", tiny.Err);
+        Assert.Equal("", tiny.Out);
+    }
+}
