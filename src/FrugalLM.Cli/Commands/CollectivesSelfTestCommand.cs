@@ -162,7 +162,7 @@ internal static class CollectivesSelfTestCommand
         Expect("must hold world size", () => c.AllGather(shard, odd));
         Expect(w > 1 ? "does not divide by the world size" : "must hold input", () => c.ReduceScatter(odd, shard, ReduceOp.Sum));
         Expect("not contiguous", () => c.AllReduce(transposed, ReduceOp.Sum));
-        Expect("Float32 or BFloat16", () => c.Broadcast(ints, 0));
+        Expect("take Float32, BFloat16 or Float16", () => c.Broadcast(ints, 0));
         Expect("root must be a rank", () => c.Broadcast(f, w));
         return new Check("validation", "-", problems.Count == 0, 0, string.Join("; ", problems));
     }
