@@ -39,13 +39,15 @@ internal static class BenchCommand
         var repeat = new Option<int>("--repeat") { Description = "Runs per configuration and runtime, alternating ours/peer then peer/ours", DefaultValueFactory = _ => 1 };
         var threads = new Option<int?>("--threads") { Description = "CPU threads of both runtimes (default: all cores)" };
         var only = new Option<string?>("--only") { Description = "Only configurations whose label contains this text (e.g. 'int8' or 'llama-100m')" };
+        var device = DeviceOption.Create();
         var command = new Command("bench", "Measure memory (predicted vs measured) and speed of every technique, side by side with PyTorch")
         {
-            quick, models, peer, python, output, work, steps, warmup, repeat, threads, only,
+            quick, models, peer, python, output, work, steps, warmup, repeat, threads, only, device,
         };
         command.Subcommands.Add(BenchInt8Command.Create());
         command.SetAction(pr => CliRunner.Run(() =>
         {
+            DeviceOption.Require(pr.GetValue(device));
             var root = RepositoryRoot();
             int threadCount = pr.GetValue(threads) ?? Environment.ProcessorCount;
             var chosen = pr.GetValue(models)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)

@@ -29,9 +29,10 @@ internal static class EvalCommand
         var threads = new Option<int?>("--threads") { Description = "CPU threads (default: all cores)" };
         var quantize = new QuantizeOptions();
         var offload = new OffloadOptions();
+        var device = DeviceOption.Create();
         var command = new Command("eval", "Held-out loss, perplexity and (for prompt/completion data) exact-match accuracy")
         {
-            model, adapter, data, all, batch, seq, precision, maxBatches, maxNew, json, threads,
+            model, adapter, data, all, batch, seq, precision, maxBatches, maxNew, json, threads, device,
         };
         foreach (var option in quantize.All.Concat(offload.All))
         {
@@ -39,6 +40,7 @@ internal static class EvalCommand
         }
         command.SetAction(pr => CliRunner.Run(() =>
         {
+            DeviceOption.Require(pr.GetValue(device));
             TorchRuntime.Initialize(pr.GetValue(threads));
             int sequence = pr.GetValue(seq);
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!),

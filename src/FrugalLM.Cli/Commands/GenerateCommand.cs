@@ -31,9 +31,10 @@ internal static class GenerateCommand
         var quantize = new QuantizeOptions();
         var offload = new OffloadOptions();
         var adapter = new Option<string?>("--adapter") { Description = "A PEFT LoRA adapter folder to apply (merged into fp32 weights; kept separate at 16 bits)" };
+        var device = DeviceOption.Create();
         var command = new Command("generate", "Continue a prompt, streaming the text to stdout (stats go to stderr)")
         {
-            model, adapter, prompt, maxNew, temperature, topK, topP, seed, stop, precision, threads,
+            model, adapter, prompt, maxNew, temperature, topK, topP, seed, stop, precision, threads, device,
         };
         foreach (var option in quantize.All.Concat(offload.All))
         {
@@ -41,6 +42,7 @@ internal static class GenerateCommand
         }
         command.SetAction(pr => CliRunner.Run(() =>
         {
+            DeviceOption.Require(pr.GetValue(device));
             TorchRuntime.Initialize(pr.GetValue(threads));
             var text = pr.GetValue(prompt) ?? "";
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!), 1,

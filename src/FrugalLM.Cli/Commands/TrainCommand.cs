@@ -64,11 +64,12 @@ internal static class TrainCommand
         var collectiveTimeout = new Option<string>("--collective-timeout") { Description = "Under frugal launch: abort the job when a collective waits longer than this for the other ranks (a hung rank), e.g. 90s, 5m; 0 = wait forever", DefaultValueFactory = _ => "5m" };
         var quantize = new QuantizeOptions();
         var offloadOptions = new OffloadOptions();
+        var device = DeviceOption.Create();
         var command = new Command("train", "Train a LLaMA or OPT model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
-            samplePrompt, threads, fsdp, collectiveTimeout,
+            samplePrompt, threads, fsdp, collectiveTimeout, device,
         };
         foreach (var option in quantize.All.Concat(offloadOptions.All))
         {
@@ -76,6 +77,7 @@ internal static class TrainCommand
         }
         command.SetAction(pr => CliRunner.Run(() =>
         {
+            DeviceOption.Require(pr.GetValue(device));
             var strategy = PlanNames.ParseStrategy(pr.GetValue(fsdp)!);
             // Under mpirun every rank runs this command; only rank 0 prints progress and writes files.
             var timeout = ParseDuration(pr.GetValue(collectiveTimeout)!, "--collective-timeout");

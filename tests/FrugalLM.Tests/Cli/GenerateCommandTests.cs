@@ -35,6 +35,17 @@ public sealed class GenerateCommandTests
     }
 
     [Fact]
+    public void DeviceCudaSaysWhatIsMissingInsteadOfRunningOnTheCpu()
+    {
+        var (exit, stdout, stderr) = FrugalProcess.Run("generate", "--model", FrugalProcess.BundledModel, "--prompt", "x", "--device", "cuda");
+        Assert.Equal(2, exit);
+        Assert.Equal("", stdout);
+        // Here: libtorch's CPU package. On a CUDA build: the runtime does not place models on CUDA yet. Either way, named.
+        Assert.Contains("--device cuda: CUDA is", stderr, StringComparison.Ordinal);
+        Assert.Contains("expected cpu or cuda", FrugalProcess.Run("generate", "--model", FrugalProcess.BundledModel, "--device", "tpu").Err, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void TruncatedWeightsExitTwoNamingTheFile()
     {
         using var dir = TestSupport.TempDir();
