@@ -209,6 +209,10 @@ public static class MemoryEstimator
         long b = plan.MicroBatchSize, s = plan.SequenceLength, a = plan.ComputeBytes;
         int ranks = plan.Sharding.Shards ? plan.Sharding.WorldSize : 1;
         bool fullShard = plan.Sharding.Strategy == ShardingStrategy.FullShard && ranks > 1;
+        // FSDP at any world size, one rank included: its units gather into buffers of their own (copies of the shards at
+        // one rank), and FULL_SHARD recomputes each layer in backward, keeping only layer inputs like checkpointing.
+        bool fsdp = plan.Sharding.Strategy != ShardingStrategy.None;
+        bool recomputes = plan.Sharding.Strategy == ShardingStrategy.FullShard;
         string per = ranks > 1 ? string.Create(CultureInfo.InvariantCulture, $", sharded over {ranks} ranks") : "";
         var list = new List<MemoryComponent>();
 
@@ -265,7 +269,7 @@ public static class MemoryEstimator
         // Activations.
         long layer = ActivationModel.LayerBytes(plan, b, s);
         // Disk offload runs each streamed layer without a graph and recomputes it in backward: checkpointing every layer.
-        int layers = m.NumHiddenLayers, k = plan.StreamsWeights ? 1 : plan.Checkpointing.Interval;
+        int layers = m.NumHiddenLayers, k = plan.StreamsWeights || recomputes ? 1 : plan.Checkpointing.Interval;
         if (k == 0)
         {
             list.Add(new("activations", "activations kept by every decoder layer", checked(layers * layer), MemoryTier.Device,
@@ -310,7 +314,7 @@ public static class MemoryEstimator
             list.Add(new("fsdp_root_gradients", "FSDP root unit's full gradients before reduce-scatter (beyond this rank's share)",
                 headGradients - headShare, MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "root gradients x (1 - 1/ranks)"));
         }
-        if (fullShard)
+        if (recomputes)
         {
             long gathered = t[EmbeddingUnit].TrainableWeights + t[HeadUnit].TrainableWeights + 2 * t.LargestLayer(u => u.TrainableWeights);
             list.Add(new("fsdp_gathered", "FSDP gathered weights (root, current and prefetched layer)", gathered,
@@ -321,9 +325,9 @@ public static class MemoryEstimator
             list.Add(new("weight_stream", "device buffers for streamed weights (current and next unit)", 2 * t.Largest(u => u.Weights),
                 MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "2 x largest unit"));
         }
-        if (ranks > 1 || offload.Gradients != MemoryTier.Device)
+        if (fsdp || offload.Gradients != MemoryTier.Device)
         {
-            list.Add(new("gradient_buffer", ranks > 1 ? "unsharded gradients before reduce-scatter (one unit)" : "gradients of one unit before transfer",
+            list.Add(new("gradient_buffer", fsdp ? "unsharded gradients before reduce-scatter (one unit)" : "gradients of one unit before transfer",
                 t.Largest(u => u.Gradients), MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "largest unit's gradients"));
         }
         list.AddRange(DiskStaging(plan, t));
