@@ -293,8 +293,10 @@ internal static class TrainCommand
 
     // Gathers unit by unit on every rank; rank 0 writes. Rank 0 holds one fp32 copy of the trainable parameters while it
     // writes (the safetensors writer needs every tensor up front), the other ranks nothing beyond one unit.
+    // FRUGAL_MEMTRACE=1 marks the save, which shows each rank's peak during it.
     private static void SaveSharded(ShardedModel sharded, Action<IEnumerable<(string, TorchSharp.torch.Tensor)>> write)
     {
+        MemoryTrace.Mark("pre-save");
         var state = sharded.CollectFullState();
         try
         {
@@ -311,6 +313,7 @@ internal static class TrainCommand
             }
         }
         sharded.Collectives.Barrier(); // no rank finishes before the files are written
+        MemoryTrace.Mark("save");
     }
 
     /// <summary>A duration such as 90s, 5m, 1h, 500ms or a plain number of seconds; 0 means infinite.</summary>
