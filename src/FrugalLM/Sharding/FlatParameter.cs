@@ -253,20 +253,30 @@ internal sealed class FlatParameter : IDisposable
     /// </summary>
     public List<(string Name, Tensor Value)> Collect()
     {
+        var result = new List<(string, Tensor)>();
+        Collect((name, value) => result.Add((name, value.clone().DetachFromDisposeScope())));
+        return result;
+    }
+
+    /// <summary>
+    /// Gathers the full fp32 value (the masters) of every parameter into a temporary vector and, on rank 0 only, hands
+    /// each to <paramref name="use"/> in order as a view of that vector, valid only during the call (nothing is copied:
+    /// a streaming save writes it out at once). Every rank must call it; the modules' parameters are not touched.
+    /// </summary>
+    public void Collect(Action<string, Tensor> use)
+    {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope(); // the views go with it, and with them the last reference to the buffer
         var whole = empty(ShardSize * collectives.WorldSize, ScalarType.Float32);
         AllGather(whole);
-        var result = new List<(string, Tensor)>();
         if (collectives.Rank == 0)
         {
             for (int i = 0; i < entries.Length; i++)
             {
                 var (_, shape, start, count) = entries[i];
-                result.Add((ParameterNames[i], whole.narrow(0, start, count).view(shape).clone().DetachFromDisposeScope()));
+                use(ParameterNames[i], whole.narrow(0, start, count).view(shape));
             }
         }
-        return result;
     }
 
     /// <inheritdoc />

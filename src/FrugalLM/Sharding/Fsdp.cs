@@ -1,4 +1,5 @@
 using FrugalLM.Distributed;
+using FrugalLM.IO;
 using FrugalLM.Models;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
@@ -216,6 +217,19 @@ public sealed class ShardedModel : IDisposable
     /// parameters for as long as it keeps the list (a save then streams them out).
     /// </summary>
     public List<(string Name, Tensor Value)> CollectFullState() => AllFlats.SelectMany(f => f.Collect()).ToList();
+
+    /// <summary>
+    /// Every flat parameter's full value as a <see cref="WeightStream"/> for <see cref="HfCheckpoint.SaveStreamed"/> (on
+    /// rank 0) and <see cref="HfCheckpoint.FetchStream"/> (on the others): each flat vector is one group, gathered from
+    /// the fp32 shards when fetched and freed when the fetch returns, so no rank holds more than one vector of the model
+    /// beyond what training holds. The values reach the callback on rank 0 only.
+    /// </summary>
+    public WeightStream FullStateStream()
+    {
+        var flats = AllFlats.ToDictionary(f => f.Name, StringComparer.Ordinal);
+        var tensors = AllFlats.SelectMany(f => f.Layout.Select(p => (p.Name, p.Shape, f.Name))).ToList();
+        return new WeightStream(tensors, (group, use) => flats[group].Collect(use));
+    }
 
     /// <inheritdoc />
     public void Dispose()
