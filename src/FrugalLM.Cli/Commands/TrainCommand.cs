@@ -210,7 +210,7 @@ internal static class TrainCommand
             if (sharded is not null)
             {
                 CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
-                    $"fsdp: {PlanNames.Format(strategy)} over {collectives!.WorldSize} rank(s) ({collectives.Backend}); {sharded.TrainableCount:N0} trainable parameters, {MemoryProbe.Mib(sharded.ShardBytes)} of fp32 shards per rank; batch {plan.MicroBatchSize} per rank, {plan.MicroBatchSize * collectives.WorldSize} per step"));
+                    $"fsdp: {PlanNames.Format(strategy)} over {collectives!.WorldSize} rank(s) ({collectives.Backend}); {sharded.TrainableCount:N0} trainable parameters, {MemoryProbe.Mib(sharded.ShardBytes)} of fp32 shards per rank{(sharded.FrozenCount > 0 ? $"; {sharded.FrozenCount:N0} frozen parameters of the decoder layers sharded, {MemoryProbe.Mib(sharded.FrozenShardBytes)} per rank" : "")}; batch {plan.MicroBatchSize} per rank, {plan.MicroBatchSize * collectives.WorldSize} per step"));
             }
             var options = new TrainOptions
             {
