@@ -14,16 +14,17 @@ namespace FrugalLM.Sharding;
 /// Fully sharded data parallelism (FSDP, ZeRO) over <see cref="ICollectives"/>: each decoder layer's trainable parameters
 /// become flat vectors sharded across ranks (one unit per layer, plus a root unit for the embeddings, final norm and
 /// head), each rank keeps only its fp32 shards (the masters the optimizer steps), and a layer is all-gathered when it
-/// runs. A decoder layer's frozen float parameters (a LoRA run's base) are sharded too, in vectors of their own that keep
-/// the compute dtype and are gathered and freed with the layer, but have no masters, gradients or optimizer states; only
-/// trainable parameters' gradients are reduced. Int8 weights (buffers) and frozen parameters of the root unit (a LoRA
+/// runs. Under FULL_SHARD a decoder layer's frozen float parameters (a LoRA run's base) are sharded too, in vectors of
+/// their own that keep the compute dtype and are gathered and freed with the layer, but have no masters, gradients or
+/// optimizer states; only trainable parameters' gradients are reduced. SHARD_GRAD_OP keeps the frozen base whole: it holds
+/// every layer gathered from forward until that layer's backward, so shards would only add to the peak. Int8 weights (buffers) and frozen parameters of the root unit (a LoRA
 /// run's embeddings, final norm and head) stay whole on every rank: the root is kept gathered anyway.
 /// </summary>
 public static class Fsdp
 {
     /// <summary>
-    /// Shards <paramref name="model"/>'s trainable parameters and its decoder layers' frozen float parameters in place and
-    /// wraps its decoder layers. Every rank must call
+    /// Shards <paramref name="model"/>'s trainable parameters (and under FULL_SHARD its decoder layers' frozen float
+    /// parameters) in place and wraps its decoder layers. Every rank must call
     /// it with the same model (same seed or the same folder). Apply it last, after LoRA and precision.
     /// </summary>
     /// <param name="model">The model, every other technique applied.</param>
@@ -71,7 +72,7 @@ public static class Fsdp
 }
 
 /// <summary>
-/// A model whose trainable parameters (and decoder layers' frozen float parameters) are sharded by <see cref="Fsdp.Wrap"/>. The trainer drives it: the optimizer steps
+/// A model whose trainable parameters (and, under FULL_SHARD, decoder layers' frozen float parameters) are sharded by <see cref="Fsdp.Wrap"/>. The trainer drives it: the optimizer steps
 /// <see cref="OptimizerGroups"/> (the shards), <see cref="FinishBackward"/> reduces the root unit's gradients after
 /// backward (the layers' are reduced during backward), <see cref="GradientNorm"/> is global over ranks, and
 /// <see cref="SyncWeights"/> refreshes the gathered root after a step.
@@ -103,8 +104,11 @@ public sealed class ShardedModel : IDisposable
             string path = layerPath + i.ToString(System.Globalization.CultureInfo.InvariantCulture);
             var named = decoder[i].named_parameters().Where(p => p.parameter.requires_grad).Select(p => (path + "." + p.name, p.parameter)).ToList();
             inLayers.UnionWith(named.Select(n => n.Item1));
-            var frozen = decoder[i].named_parameters().Where(p => !p.parameter.requires_grad && p.parameter.is_floating_point())
-                .Select(p => (path + "." + p.name, p.parameter)).ToList();
+            // SHARD_GRAD_OP gathers every layer by the end of forward and keeps it through backward: a sharded frozen base
+            // would be the whole base plus its shards at the peak (measured +145 MiB per rank on llama-100m LoRA r16).
+            var frozen = strategy != ShardingStrategy.FullShard ? []
+                : decoder[i].named_parameters().Where(p => !p.parameter.requires_grad && p.parameter.is_floating_point())
+                    .Select(p => (path + "." + p.name, p.parameter)).ToList();
             var flats = Flats(path, named, embeddings, collectives, communication, pool, masters, prefetch);
             flats.AddRange(FrozenFlats(path, frozen, collectives, communication, pool, prefetch));
             var layer = new FsdpLayer(decoder[i], flats, strategy);

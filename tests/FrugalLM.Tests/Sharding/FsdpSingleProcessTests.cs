@@ -69,9 +69,10 @@ public sealed class FsdpSingleProcessTests
     }
 
     /// <summary>
-    /// Under LoRA the decoder layers' frozen base is sharded too (its own flat vectors, no masters or gradients) and
-    /// gathered with its layer: training must still match the plain LoRA trainer, also when a layer has no adapter, above
-    /// an adapted one (its input's gradient is wanted: gathered again in backward) or below all of them (no graph).
+    /// Under LoRA and FULL_SHARD the decoder layers' frozen base is sharded too (its own flat vectors, no masters or
+    /// gradients) and gathered with its layer; SHARD_GRAD_OP keeps it whole. Training must still match the plain LoRA
+    /// trainer, also when a layer has no adapter, above an adapted one (its input's gradient is wanted: gathered again in
+    /// backward) or below all of them (no graph).
     /// </summary>
     [Theory]
     [InlineData(ShardingStrategy.FullShard, -1)]
@@ -98,21 +99,24 @@ public sealed class FsdpSingleProcessTests
         using var model = new LlamaForCausalLM(TestSupport.TinyConfig());
         model.InitializeWeights(seed: 3);
         LoraModel.Apply(model, config, seed: 4);
+        bool shardsFrozen = strategy == ShardingStrategy.FullShard;
         long frozenInLayers = model.named_parameters().Where(p => p.name.Contains(".layers.", StringComparison.Ordinal) && !p.parameter.requires_grad).Sum(p => p.parameter.numel());
-        var root = model.named_parameters().Where(p => !p.name.Contains(".layers.", StringComparison.Ordinal)).ToDictionary(p => p.name, p => p.parameter.numel());
+        // What stays whole: the root's frozen parameters, and under SHARD_GRAD_OP the layers' frozen ones too.
+        var whole = model.named_parameters().Where(p => !p.parameter.requires_grad && (!shardsFrozen || !p.name.Contains(".layers.", StringComparison.Ordinal)))
+            .ToDictionary(p => p.name, p => p.parameter.numel());
         using var collectives = new SingleProcessCollectives();
         using var mixed = MixedPrecision.Apply(model, PrecisionMode.Fp32);
         using var sharded = Fsdp.Wrap(model, collectives, strategy, mixed);
-        Assert.Equal(frozenInLayers, sharded.FrozenCount);
+        Assert.Equal(shardsFrozen ? frozenInLayers : 0, sharded.FrozenCount);
         Assert.Equal(expected.Values.Sum(p => p.numel()), sharded.TrainableCount);
-        // Every decoder-layer parameter, frozen or not, is released until its layer runs; the root's frozen parameters stay whole.
-        Assert.All(model.named_parameters().Where(p => p.name.Contains(".layers.", StringComparison.Ordinal)), p => Assert.Equal(0, p.parameter.numel()));
-        Assert.All(model.named_parameters().Where(p => root.ContainsKey(p.name)), p => Assert.Equal(root[p.name], p.parameter.numel()));
+        // Every sharded decoder-layer parameter is released until its layer runs; the rest stays whole.
+        Assert.All(model.named_parameters().Where(p => p.name.Contains(".layers.", StringComparison.Ordinal) && !whole.ContainsKey(p.name)), p => Assert.Equal(0, p.parameter.numel()));
+        Assert.All(model.named_parameters().Where(p => whole.ContainsKey(p.name)), p => Assert.Equal(whole[p.name], p.parameter.numel()));
         Assert.DoesNotContain(sharded.OptimizerGroups(0.0).SelectMany(g => g.Parameters), p => p.Name.Contains("/frozen", StringComparison.Ordinal));
         var losses = new List<double>();
         new Trainer(model, corpus, options, mixed, sharded).Run(p => losses.Add(p.Loss));
         // ... and is released again after training (nothing left gathered).
-        Assert.All(model.named_parameters().Where(p => p.name.Contains(".layers.", StringComparison.Ordinal)), p => Assert.Equal(0, p.parameter.numel()));
+        Assert.All(model.named_parameters().Where(p => p.name.Contains(".layers.", StringComparison.Ordinal) && !whole.ContainsKey(p.name)), p => Assert.Equal(0, p.parameter.numel()));
 
         Assert.Equal(plainLosses.Count, losses.Count);
         for (int i = 0; i < losses.Count; i++)
