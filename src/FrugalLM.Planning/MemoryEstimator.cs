@@ -123,6 +123,9 @@ public static class MemoryEstimator
     {
         public long Weights;
         public long TrainableWeights;
+
+        // Frozen float weights of a decoder layer (a LoRA run's base): FULL_SHARD shards and gathers them with the layer.
+        public long FrozenFloat;
         public long Gradients;
         public long Masters;
         public long States;
@@ -186,6 +189,10 @@ public static class MemoryEstimator
             }
             if (!trainable)
             {
+                if (t.Layer >= 0 && !quantized)
+                {
+                    unit.FrozenFloat += inMemory;
+                }
                 continue;
             }
             unit.TrainableWeights += inMemory;
@@ -216,9 +223,12 @@ public static class MemoryEstimator
         string per = ranks > 1 ? string.Create(CultureInfo.InvariantCulture, $", sharded over {ranks} ranks") : "";
         var list = new List<MemoryComponent>();
 
-        // FSDP shards what trains; a frozen base (LoRA, int8) is replicated on every rank, as FrugalLM's FSDP does.
-        long frozen = t.Sum(u => u.Weights - u.TrainableWeights);
-        long weights = fullShard ? t.Sharded(u => u.TrainableWeights, ranks) + frozen : t.Sum(u => u.Weights);
+        // FSDP shards what trains and the decoder layers' frozen float weights (a LoRA base); int8 layers' weights and the
+        // root unit's frozen parameters (a LoRA run's embeddings, final norm, head) are replicated on every rank, as
+        // FrugalLM's FSDP does.
+        long replicated = t.Sum(u => u.Weights - u.TrainableWeights - u.FrozenFloat);
+        bool frozenSharded = t.Sum(u => u.FrozenFloat) > 0;
+        long weights = fullShard ? t.Sharded(u => u.TrainableWeights + u.FrozenFloat, ranks) + replicated : t.Sum(u => u.Weights);
         if (plan.StreamsWeights)
         {
             list.Add(new("weights", WeightsLabel(plan) + " kept in memory: embeddings, head, norms, adapters", weights - StreamedFrozen(plan, t),
@@ -227,7 +237,9 @@ public static class MemoryEstimator
         else
         {
             list.Add(new("weights", WeightsLabel(plan), weights, offload.Weights, Phases.All,
-                WeightsFormula(plan) + (fullShard ? per + (frozen > 0 ? " (the trainable part; the frozen base replicated)" : "") : "")));
+                WeightsFormula(plan) + (fullShard ? per + (replicated > 0 ? " (trainable and decoder layers' frozen float weights; "
+                    + (plan.Quantization.Kind == QuantizationKind.None ? "the frozen embeddings and head" : "int8 layers and the frozen embeddings and head") + " replicated)"
+                    : frozenSharded ? " (trainable and frozen)" : "") : "")));
         }
         list.Add(new("master_weights", "fp32 master weights of trainable parameters", t.Sharded(u => u.Masters, ranks),
             offload.OptimizerStates, Phases.All, "4 B x trainable parameters" + per));
@@ -316,9 +328,10 @@ public static class MemoryEstimator
         }
         if (recomputes)
         {
-            long gathered = t[EmbeddingUnit].TrainableWeights + t[HeadUnit].TrainableWeights + 2 * t.LargestLayer(u => u.TrainableWeights);
+            // A layer gathers its trainable and its frozen float weights; the root's frozen weights are counted as replicated.
+            long gathered = t[EmbeddingUnit].TrainableWeights + t[HeadUnit].TrainableWeights + 2 * t.LargestLayer(u => u.TrainableWeights + u.FrozenFloat);
             list.Add(new("fsdp_gathered", "FSDP gathered weights (root, current and prefetched layer)", gathered,
-                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "trainable weights of embedding + head + 2 x largest layer"));
+                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "trainable weights of embedding + head + 2 x largest layer (its trainable and frozen float weights)"));
         }
         else if (offload.Weights == MemoryTier.Host)
         {

@@ -309,14 +309,22 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(34_624, gradOp.Bytes("optimizer_states"));
         Assert.Equal(0, gradOp.Bytes("fsdp_gathered"));
 
-        // Under LoRA only the adapters are sharded and gathered; the frozen base (34,624 B) stays whole on every rank.
+        // Under LoRA the adapters and the decoder layers' frozen base are sharded and gathered with their layer; the root's
+        // frozen embedding, final norm and head (6,400 + 64 + 6,400 = 12,864 B) stay whole on every rank.
         var lora = Tiny.Plan() with { Lora = new LoraSettings(2, 4, ["q_proj"], 0), Sharding = new Sharding(ShardingStrategy.FullShard, 2) };
         var plain = MemoryEstimator.Estimate(lora with { Sharding = Sharding.None });
         var shardedLora = MemoryEstimator.Estimate(lora);
         long adapters = plain.Bytes("weights") - 34_624; // q_proj A (2 x 16) and B (16 x 2) in each of 2 layers: 128 values x 4 B
         Assert.Equal(512, adapters);
-        Assert.Equal(34_624 + 256, shardedLora.Bytes("weights"));
-        Assert.Equal(2 * 256, shardedLora.Bytes("fsdp_gathered")); // no root adapters; current and prefetched layer: 64 values x 4 B each
+        // Each layer: 10,880 B of base and 256 B of adapters, halved.
+        Assert.Equal(2 * (10_880 + 256) / 2 + 12_864, shardedLora.Bytes("weights"));
+        Assert.Equal(2 * (10_880 + 256), shardedLora.Bytes("fsdp_gathered")); // no root adapters; current and prefetched layer
+        Assert.Equal(34_624 + 512, MemoryEstimator.Estimate(lora with { Sharding = new Sharding(ShardingStrategy.ShardGradOp, 2) }).Bytes("weights"));
+
+        // An int8 base's linear weights (3,264 B a layer with their scales) stay replicated; its norms (128 B a layer) are sharded.
+        var int8 = MemoryEstimator.Estimate(lora with { Quantization = Quantization.Int8 });
+        Assert.Equal(2 * (128 + 256) / 2 + 2 * 3_264 + 12_864, int8.Bytes("weights"));
+        Assert.Equal(2 * (128 + 256), int8.Bytes("fsdp_gathered"));
     }
 
     [Fact]

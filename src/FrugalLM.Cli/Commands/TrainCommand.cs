@@ -210,7 +210,7 @@ internal static class TrainCommand
             if (sharded is not null)
             {
                 CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
-                    $"fsdp: {PlanNames.Format(strategy)} over {collectives!.WorldSize} rank(s) ({collectives.Backend}); {sharded.TrainableCount:N0} trainable parameters, {MemoryProbe.Mib(sharded.ShardBytes)} of fp32 shards per rank; batch {plan.MicroBatchSize} per rank, {plan.MicroBatchSize * collectives.WorldSize} per step"));
+                    $"fsdp: {PlanNames.Format(strategy)} over {collectives!.WorldSize} rank(s) ({collectives.Backend}); {sharded.TrainableCount:N0} trainable parameters, {MemoryProbe.Mib(sharded.ShardBytes)} of fp32 shards per rank{(sharded.FrozenCount > 0 ? $"; {sharded.FrozenCount:N0} frozen parameters of the decoder layers sharded, {MemoryProbe.Mib(sharded.FrozenShardBytes)} per rank" : "")}; batch {plan.MicroBatchSize} per rank, {plan.MicroBatchSize * collectives.WorldSize} per step"));
             }
             var options = new TrainOptions
             {
@@ -263,7 +263,9 @@ internal static class TrainCommand
             Action<IEnumerable<(string, TorchSharp.torch.Tensor)>> write = applied.Lora is { } lora
                 ? sources => LoraAdapter.Save(lora, outFolder, baseModelNameOrPath: Path.GetFullPath(modelFolder!), sources: sources)
                 : sources => HfCheckpoint.Save(lm, outFolder, savedAs, generation, sources: sources);
-            Action<int> save = sharded is null ? _ => write(mixed.Masters) : _ => SaveSharded(sharded, write);
+            Action<int> save = sharded is null ? _ => write(mixed.Masters)
+                : applied.Lora is null ? _ => SaveShardedModel(sharded, lm, outFolder, savedAs, generation)
+                : _ => SaveSharded(sharded, write);
             var result = RunWithProgress(trainer, options, save, writer ? outFolder : null, pr.GetValue(resume));
             if (prompt is not null)
             {
@@ -291,10 +293,11 @@ internal static class TrainCommand
         return command;
     }
 
-    // Gathers unit by unit on every rank; rank 0 writes. Rank 0 holds one fp32 copy of the trainable parameters while it
-    // writes (the safetensors writer needs every tensor up front), the other ranks nothing beyond one unit.
+    // A LoRA adapter under FSDP: gathered vector by vector on every rank into one fp32 copy of the trainable parameters on
+    // rank 0, which then writes it (adapters are small; the full model streams instead, below).
     private static void SaveSharded(ShardedModel sharded, Action<IEnumerable<(string, TorchSharp.torch.Tensor)>> write)
     {
+        MemoryTrace.Mark("pre-save");
         var state = sharded.CollectFullState();
         try
         {
@@ -311,6 +314,26 @@ internal static class TrainCommand
             }
         }
         sharded.Collectives.Barrier(); // no rank finishes before the files are written
+        MemoryTrace.Mark("save");
+    }
+
+    // The full model under FSDP: rank 0 writes the HF folder while every rank gathers the flat vectors one at a time in
+    // the writer's order (the other ranks discard them), so no rank holds more than one vector beyond what training holds.
+    // FRUGAL_MEMTRACE=1 marks the save, which shows rank 0's peak during it.
+    private static void SaveShardedModel(ShardedModel sharded, CausalLM lm, string folder, TorchSharp.torch.ScalarType dtype, GenerationConfig generation)
+    {
+        MemoryTrace.Mark("pre-save");
+        var stream = sharded.FullStateStream();
+        if (sharded.Collectives.Rank == 0)
+        {
+            HfCheckpoint.SaveStreamed(lm, folder, stream, dtype, generation);
+        }
+        else
+        {
+            HfCheckpoint.FetchStream(lm, stream, dtype);
+        }
+        sharded.Collectives.Barrier(); // no rank finishes before the files are written
+        MemoryTrace.Mark("save");
     }
 
     /// <summary>A duration such as 90s, 5m, 1h, 500ms or a plain number of seconds; 0 means infinite.</summary>

@@ -308,6 +308,128 @@ public sealed class HfCheckpoint : IDisposable
         }
     }
 
+    /// <summary>
+    /// Saves <paramref name="model"/> as <see cref="Save"/> does, byte for byte, but takes the tensors that
+    /// <paramref name="stream"/> declares one group at a time (an FSDP unit gathered from its shards), so the writer
+    /// never holds more than one group: every file's layout is declared from the names and shapes up front and the
+    /// data is filled in as groups arrive. Tensors that the stream does not declare come from the model itself.
+    /// Every rank that takes part in the stream's collectives must run <see cref="FetchStream"/> meanwhile, which
+    /// fetches the same groups in the same order.
+    /// </summary>
+    /// <param name="model">The model (its structure, buffers and unstreamed parameters).</param>
+    /// <param name="folder">The output folder.</param>
+    /// <param name="stream">The streamed tensors and how to fetch them.</param>
+    /// <param name="dtype">Dtype of the saved weights (default: the model's).</param>
+    /// <param name="generation">Generation defaults to write beside the weights.</param>
+    /// <param name="maxShardBytes">Largest shard.</param>
+    /// <param name="extraConfig">Fields added to config.json.</param>
+    public static void SaveStreamed(CausalLM model, string folder, WeightStream stream, ScalarType? dtype = null, GenerationConfig? generation = null,
+        long maxShardBytes = 2L << 30, JsonObject? extraConfig = null)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        var (type, layout, plan) = PlanStream(model, stream, dtype, maxShardBytes);
+        Directory.CreateDirectory(folder);
+        var held = State(model).ToDictionary(p => p.Name, p => p.Tensor, StringComparer.Ordinal);
+        var groups = stream.Tensors.ToDictionary(t => t.Name, t => t.Group, StringComparer.Ordinal);
+        var written = new List<string>();
+        foreach (var (file, names) in plan.Files)
+        {
+            var inFile = names.ToHashSet(StringComparer.Ordinal);
+            SafeTensors.Write(Path.Combine(folder, file), names.Select(n => layout[n]).ToList(), null, (_, put) =>
+            {
+                foreach (var name in names.Where(n => !groups.ContainsKey(n)))
+                {
+                    put(name, held[name]);
+                }
+                // A group that spans two files is fetched once for each (the ranks replay exactly this order).
+                foreach (var group in StreamGroups(names, groups))
+                {
+                    stream.Fetch(group, (name, value) =>
+                    {
+                        if (inFile.Contains(name))
+                        {
+                            put(name, value);
+                        }
+                    });
+                }
+            });
+            written.Add(file);
+        }
+        written.AddRange(WriteWeightIndex(folder, plan));
+        generation?.Save(folder);
+        SaveConfig(model, folder, type, extraConfig);
+        foreach (var stale in Directory.EnumerateFiles(folder, "model*.safetensors*"))
+        {
+            if (!written.Contains(Path.GetFileName(stale)))
+            {
+                File.Delete(stale);
+            }
+        }
+    }
+
+    /// <summary>
+    /// What a rank that does not write runs while another runs <see cref="SaveStreamed"/> with the same arguments:
+    /// fetches the same groups in the same order (their collectives must match) and discards them.
+    /// </summary>
+    /// <param name="model">The model (the same structure as the writer's).</param>
+    /// <param name="stream">The streamed tensors (the same declarations as the writer's).</param>
+    /// <param name="dtype">The writer's dtype.</param>
+    /// <param name="maxShardBytes">The writer's largest shard.</param>
+    public static void FetchStream(CausalLM model, WeightStream stream, ScalarType? dtype = null, long maxShardBytes = 2L << 30)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        var (_, _, plan) = PlanStream(model, stream, dtype, maxShardBytes);
+        var groups = stream.Tensors.ToDictionary(t => t.Name, t => t.Group, StringComparer.Ordinal);
+        foreach (var (_, names) in plan.Files)
+        {
+            foreach (var group in StreamGroups(names, groups))
+            {
+                stream.Fetch(group, static (_, _) => { });
+            }
+        }
+    }
+
+    // The groups a file needs, in the order of their first tensor in it: the one order every rank fetches them in.
+    private static List<string> StreamGroups(IReadOnlyList<string> names, Dictionary<string, string> groups)
+    {
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        var order = new List<string>();
+        foreach (var name in names)
+        {
+            if (groups.TryGetValue(name, out var group) && seen.Add(group))
+            {
+                order.Add(group);
+            }
+        }
+        return order;
+    }
+
+    // Save's file plan and each tensor's declared layout, from the stream's shapes where it has them: the same names,
+    // dtypes, shapes and order that Save gives the list writer, so both produce the same bytes. It reads no parameter
+    // data, and is the same on every rank.
+    private static (ScalarType Type, Dictionary<string, SafeTensorLayout> Layout, WeightFilePlan Plan) PlanStream(CausalLM model, WeightStream stream, ScalarType? dtype, long maxShardBytes)
+    {
+        var type = dtype ?? model.Dtype;
+        if (type is not (ScalarType.Float32 or ScalarType.Float16 or ScalarType.BFloat16))
+        {
+            throw new ArgumentException($"weights can be saved as float32, float16 or bfloat16, not {type}", nameof(dtype));
+        }
+        var shapes = stream.Tensors.ToDictionary(t => t.Name, t => t.Shape, StringComparer.Ordinal);
+        var buffers = model.named_buffers(include_nonpersistent: false).Select(b => b.name).ToHashSet(StringComparer.Ordinal);
+        var layout = new Dictionary<string, SafeTensorLayout>(StringComparer.Ordinal);
+        var sizes = new List<(string Name, long Bytes)>();
+        foreach (var (name, tensor) in State(model))
+        {
+            // A streamed tensor is a floating parameter (its stored dtype is the save's); anything else keeps Save's rule.
+            var entry = shapes.TryGetValue(name, out var shape)
+                ? new SafeTensorLayout(name, type, shape)
+                : new SafeTensorLayout(name, tensor.is_floating_point() && !buffers.Contains(name) ? type : tensor.dtype, tensor.shape);
+            layout[name] = entry;
+            sizes.Add((name, entry.Shape.Aggregate(1L, (a, b) => a * b) * SafeTensors.ElementSize(SafeTensors.FromScalarType(entry.Dtype))!.Value));
+        }
+        return (type, layout, PlanWeightFiles(sizes, maxShardBytes));
+    }
+
     /// <summary>Writes the <c>config.json</c> that <see cref="Save"/> writes for weights stored in <paramref name="dtype"/>.</summary>
     /// <param name="model">The model.</param>
     /// <param name="folder">The folder.</param>
@@ -457,3 +579,12 @@ public sealed class HfCheckpoint : IDisposable
 /// <param name="Files">File name and tensor names, in order.</param>
 /// <param name="TotalBytes">Bytes of all tensors.</param>
 public sealed record WeightFilePlan(IReadOnlyList<(string File, IReadOnlyList<string> Names)> Files, long TotalBytes);
+
+/// <summary>
+/// Tensors that <see cref="HfCheckpoint.SaveStreamed"/> fetches one group at a time instead of holding them all (an FSDP
+/// run's units, gathered from their shards): declared up front by name, shape and group, supplied by <see cref="Fetch"/>.
+/// </summary>
+/// <param name="Tensors">Every streamed tensor: its name in the model, its shape and the group it is fetched with.</param>
+/// <param name="Fetch">Fetches one group and hands each of its tensors to the callback as (name, value); a value may be a
+/// view that lives only until <see cref="Fetch"/> returns. A rank that holds no data (not the writer) calls nothing.</param>
+public sealed record WeightStream(IReadOnlyList<(string Name, long[] Shape, string Group)> Tensors, Action<string, Action<string, Tensor>> Fetch);

@@ -7,7 +7,8 @@ namespace FrugalLM.Sharding;
 /// <summary>
 /// Several parameters of one unit flattened into one vector, padded to a multiple of the world size and split into
 /// equal shards: rank r keeps elements [r x S, (r + 1) x S) as an fp32 master (<see cref="Shard"/>), which is what the
-/// optimizer steps. While the unit runs, <see cref="Gather"/> all-gathers the shards into one full buffer and points
+/// optimizer steps. Frozen parameters (a LoRA run's base) form vectors of their own, whose shards keep the compute dtype
+/// (there is nothing to step, so no fp32 master) and never receive or reduce gradients. While the unit runs, <see cref="Gather"/> all-gathers the shards into one full buffer and points
 /// every parameter at its slice of it (<c>Tensor.set_</c>, so modules keep their own Parameter objects and names);
 /// <see cref="Free"/> points them at an empty tensor again, which drops the last reference to the buffer.
 /// </summary>
@@ -24,7 +25,7 @@ internal sealed class FlatParameter : IDisposable
 
     /// <summary>Flattens <paramref name="parameters"/> (their current values become the shards) and releases their memory.</summary>
     /// <param name="name">The vector's name.</param>
-    /// <param name="parameters">The parameters, in order.</param>
+    /// <param name="parameters">The parameters, in order: all trainable (requiring grad), or all frozen.</param>
     /// <param name="collectives">The ranks.</param>
     /// <param name="communication">Runs while this vector's collectives run (the time spent communicating).</param>
     /// <param name="pool">Where gathered and unsharded-gradient buffers are reused between layers (null: allocate each time,
@@ -54,16 +55,22 @@ internal sealed class FlatParameter : IDisposable
             {
                 throw new NotSupportedException($"FSDP flattens floating parameters of one dtype per vector; {parameters[i].Name} is {p.dtype}, {parameters[0].Name} {ComputeDtype}");
             }
+            if (p.requires_grad != parameters[0].Parameter.requires_grad)
+            {
+                throw new ArgumentException($"FSDP flattens trainable and frozen parameters into separate vectors; {parameters[i].Name} and {parameters[0].Name} differ", nameof(parameters));
+            }
             entries[i] = (p, p.shape, offset, p.numel());
             offset += p.numel();
         }
         Count = offset;
+        Trainable = parameters.Count > 0 && parameters[0].Parameter.requires_grad;
         int world = collectives.WorldSize;
         ShardSize = (Count + world - 1) / world;
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
         // Every rank holds the same full values here (same seed or the same folder), so each cuts out its own shard.
-        var whole = zeros(ShardSize * world, ScalarType.Float32);
+        // Trainable shards are fp32 masters; frozen ones keep the values exactly as they compute.
+        var whole = zeros(ShardSize * world, Trainable ? ScalarType.Float32 : ComputeDtype);
         for (int i = 0; i < entries.Length; i++)
         {
             var (parameter, _, start, count) = entries[i];
@@ -71,7 +78,7 @@ internal sealed class FlatParameter : IDisposable
             whole.narrow(0, start, count).copy_(value.reshape(-1));
             parameter.set_(Released);
         }
-        Shard = whole.narrow(0, collectives.Rank * ShardSize, ShardSize).clone().requires_grad_(true).DetachFromDisposeScope();
+        Shard = whole.narrow(0, collectives.Rank * ShardSize, ShardSize).clone().requires_grad_(Trainable).DetachFromDisposeScope();
     }
 
     /// <summary>A name for the optimizer's state (<c>model.layers.3/decay</c>).</summary>
@@ -93,7 +100,11 @@ internal sealed class FlatParameter : IDisposable
     /// <summary>Elements of each rank's shard.</summary>
     public long ShardSize { get; }
 
-    /// <summary>This rank's fp32 master shard; its <c>grad</c> receives the reduce-scattered gradients.</summary>
+    /// <summary>True for trainable parameters (fp32 master shard, gradients reduced), false for a frozen vector.</summary>
+    public bool Trainable { get; }
+
+    /// <summary>This rank's fp32 master shard, whose <c>grad</c> receives the reduce-scattered gradients; for a frozen vector,
+    /// its shard in the compute dtype (no gradient).</summary>
     public Tensor Shard { get; }
 
     /// <summary>True while the full parameters are gathered.</summary>
@@ -145,7 +156,7 @@ internal sealed class FlatParameter : IDisposable
         Tensor shard;
         using (no_grad())
         {
-            shard = (ComputeDtype == ScalarType.Float32 ? Shard.detach() : Shard.detach().to(ComputeDtype)).DetachFromDisposeScope();
+            shard = (Shard.dtype == ComputeDtype ? Shard.detach() : Shard.detach().to(ComputeDtype)).DetachFromDisposeScope();
         }
         prefetched = buffer;
         prefetch.Enqueue(() =>
@@ -168,10 +179,11 @@ internal sealed class FlatParameter : IDisposable
         AllGather(full);
     }
 
-    // Gathers in the output's dtype: 16-bit compute sends the shard rounded to 16 bits (half the bytes of fp32).
+    // Gathers in the output's dtype: 16-bit compute sends the shard rounded to 16 bits (half the bytes of fp32); a frozen
+    // 16-bit shard is widened exactly when collected in fp32.
     private void AllGather(Tensor output)
     {
-        using var shard = output.dtype == ScalarType.Float32 ? Shard.detach() : Shard.detach().to(output.dtype);
+        using var shard = output.dtype == Shard.dtype ? Shard.detach() : Shard.detach().to(output.dtype);
         communication.Start();
         prefetch?.Drain();
         collectives.AllGather(shard, output);
@@ -200,9 +212,14 @@ internal sealed class FlatParameter : IDisposable
     /// Moves the parameters' gradients (of the gathered, full parameters) into one padded vector, releases them, and
     /// reduce-scatters (sums) it over ranks into <see cref="Shard"/>'s gradient, adding to what earlier micro-batches
     /// left there. A sum, not an average: the trainer normalizes every rank's loss by the step's global token count.
+    /// A frozen vector has no gradients and reduces nothing.
     /// </summary>
     public void ReduceGradients()
     {
+        if (!Trainable)
+        {
+            return;
+        }
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
         var unsharded = Rent(ScalarType.Float32);
@@ -248,25 +265,35 @@ internal sealed class FlatParameter : IDisposable
     }
 
     /// <summary>
-    /// The full fp32 value (the masters) of every parameter, in order, as new tensors on rank 0 (an empty list elsewhere);
+    /// The full fp32 value (the masters; a frozen vector's values widened) of every parameter, in order, as new tensors on rank 0 (an empty list elsewhere);
     /// every rank must call it. Gathers the fp32 shards into a temporary vector; the modules' parameters are not touched.
     /// </summary>
     public List<(string Name, Tensor Value)> Collect()
+    {
+        var result = new List<(string, Tensor)>();
+        Collect((name, value) => result.Add((name, value.clone().DetachFromDisposeScope())));
+        return result;
+    }
+
+    /// <summary>
+    /// Gathers the full fp32 value (the masters; a frozen vector's values widened) of every parameter into a temporary vector and, on rank 0 only, hands
+    /// each to <paramref name="use"/> in order as a view of that vector, valid only during the call (nothing is copied:
+    /// a streaming save writes it out at once). Every rank must call it; the modules' parameters are not touched.
+    /// </summary>
+    public void Collect(Action<string, Tensor> use)
     {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope(); // the views go with it, and with them the last reference to the buffer
         var whole = empty(ShardSize * collectives.WorldSize, ScalarType.Float32);
         AllGather(whole);
-        var result = new List<(string, Tensor)>();
         if (collectives.Rank == 0)
         {
             for (int i = 0; i < entries.Length; i++)
             {
                 var (_, shape, start, count) = entries[i];
-                result.Add((ParameterNames[i], whole.narrow(0, start, count).view(shape).clone().DetachFromDisposeScope()));
+                use(ParameterNames[i], whole.narrow(0, start, count).view(shape));
             }
         }
-        return result;
     }
 
     /// <inheritdoc />

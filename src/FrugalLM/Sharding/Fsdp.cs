@@ -1,4 +1,5 @@
 using FrugalLM.Distributed;
+using FrugalLM.IO;
 using FrugalLM.Models;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
@@ -13,13 +14,17 @@ namespace FrugalLM.Sharding;
 /// Fully sharded data parallelism (FSDP, ZeRO) over <see cref="ICollectives"/>: each decoder layer's trainable parameters
 /// become flat vectors sharded across ranks (one unit per layer, plus a root unit for the embeddings, final norm and
 /// head), each rank keeps only its fp32 shards (the masters the optimizer steps), and a layer is all-gathered when it
-/// runs. Frozen parameters (a LoRA run's base, int8 weights) are not sharded: every rank keeps them whole, and only
-/// trainable parameters' gradients are reduced.
+/// runs. Under FULL_SHARD a decoder layer's frozen float parameters (a LoRA run's base) are sharded too, in vectors of
+/// their own that keep the compute dtype and are gathered and freed with the layer, but have no masters, gradients or
+/// optimizer states; only trainable parameters' gradients are reduced. SHARD_GRAD_OP keeps the frozen base whole: it holds
+/// every layer gathered from forward until that layer's backward, so shards would only add to the peak. Int8 weights (buffers) and frozen parameters of the root unit (a LoRA
+/// run's embeddings, final norm and head) stay whole on every rank: the root is kept gathered anyway.
 /// </summary>
 public static class Fsdp
 {
     /// <summary>
-    /// Shards <paramref name="model"/>'s trainable parameters in place and wraps its decoder layers. Every rank must call
+    /// Shards <paramref name="model"/>'s trainable parameters (and under FULL_SHARD its decoder layers' frozen float
+    /// parameters) in place and wraps its decoder layers. Every rank must call
     /// it with the same model (same seed or the same folder). Apply it last, after LoRA and precision.
     /// </summary>
     /// <param name="model">The model, every other technique applied.</param>
@@ -67,7 +72,7 @@ public static class Fsdp
 }
 
 /// <summary>
-/// A model whose trainable parameters are sharded by <see cref="Fsdp.Wrap"/>. The trainer drives it: the optimizer steps
+/// A model whose trainable parameters (and, under FULL_SHARD, decoder layers' frozen float parameters) are sharded by <see cref="Fsdp.Wrap"/>. The trainer drives it: the optimizer steps
 /// <see cref="OptimizerGroups"/> (the shards), <see cref="FinishBackward"/> reduces the root unit's gradients after
 /// backward (the layers' are reduced during backward), <see cref="GradientNorm"/> is global over ranks, and
 /// <see cref="SyncWeights"/> refreshes the gathered root after a step.
@@ -99,7 +104,14 @@ public sealed class ShardedModel : IDisposable
             string path = layerPath + i.ToString(System.Globalization.CultureInfo.InvariantCulture);
             var named = decoder[i].named_parameters().Where(p => p.parameter.requires_grad).Select(p => (path + "." + p.name, p.parameter)).ToList();
             inLayers.UnionWith(named.Select(n => n.Item1));
-            var layer = new FsdpLayer(decoder[i], Flats(path, named, embeddings, collectives, communication, pool, masters, prefetch), strategy);
+            // SHARD_GRAD_OP gathers every layer by the end of forward and keeps it through backward: a sharded frozen base
+            // would be the whole base plus its shards at the peak (measured +145 MiB per rank on llama-100m LoRA r16).
+            var frozen = strategy != ShardingStrategy.FullShard ? []
+                : decoder[i].named_parameters().Where(p => !p.parameter.requires_grad && p.parameter.is_floating_point())
+                    .Select(p => (path + "." + p.name, p.parameter)).ToList();
+            var flats = Flats(path, named, embeddings, collectives, communication, pool, masters, prefetch);
+            flats.AddRange(FrozenFlats(path, frozen, collectives, communication, pool, prefetch));
+            var layer = new FsdpLayer(decoder[i], flats, strategy);
             ModuleTree.Replace(model, path, layer);
             // FRUGAL_FSDP_PREFETCH=0 turns prefetching off, to measure what it hides. One rank has nothing to hide: its
             // gathers are copies, and a libtorch copy on the queue's thread starts a second OpenMP team with its own
@@ -126,10 +138,18 @@ public sealed class ShardedModel : IDisposable
     /// <summary>The sharding strategy.</summary>
     public ShardingStrategy Strategy { get; }
 
-    /// <summary>Every flat vector, the root unit's first, then the layers' in order (what a sharded checkpoint stores).</summary>
+    /// <summary>Every trainable flat vector, the root unit's first, then the layers' in order (what a sharded checkpoint
+    /// stores: frozen vectors are not saved, a resumed run loads its base from the model folder again).</summary>
     internal IReadOnlyList<FlatParameter> Vectors => AllFlats.ToList();
 
-    private IEnumerable<FlatParameter> AllFlats => root.Concat(layers.SelectMany(l => l.Flats));
+    /// <summary>The decoder layers' frozen flat vectors, in order.</summary>
+    internal IReadOnlyList<FlatParameter> FrozenVectors => layers.SelectMany(l => l.Flats).Where(f => !f.Trainable).ToList();
+
+    // The trainable vectors: what the optimizer, the gradient norm, checkpoints and CollectFullState see.
+    private IEnumerable<FlatParameter> AllFlats => root.Concat(layers.SelectMany(l => l.Flats).Where(f => f.Trainable));
+
+    // Trainable and frozen, in the model's unit order.
+    private IEnumerable<FlatParameter> EveryFlat => root.Concat(layers.SelectMany(l => l.Flats));
 
     /// <summary>What the optimizer steps: this rank's fp32 shards, by flat vector name (decay groups are separate vectors).</summary>
     public IReadOnlyList<ParameterGroup> OptimizerGroups(double weightDecay) =>
@@ -149,6 +169,12 @@ public sealed class ShardedModel : IDisposable
 
     /// <summary>Bytes this rank holds in fp32 master shards.</summary>
     public long ShardBytes => AllFlats.Sum(f => f.ShardSize * 4);
+
+    /// <summary>Frozen parameters (without padding) sharded across all ranks: the decoder layers' frozen float weights.</summary>
+    public long FrozenCount => FrozenVectors.Sum(f => f.Count);
+
+    /// <summary>Bytes this rank holds in frozen shards (in their compute dtype).</summary>
+    public long FrozenShardBytes => FrozenVectors.Sum(f => f.ShardSize * f.Shard.element_size());
 
     /// <summary>After the last micro-batch's backward: reduce-scatters the root unit's gradients (the layers' already are).</summary>
     public void FinishBackward()
@@ -219,10 +245,23 @@ public sealed class ShardedModel : IDisposable
     /// </summary>
     public List<(string Name, Tensor Value)> CollectFullState() => AllFlats.SelectMany(f => f.Collect()).ToList();
 
+    /// <summary>
+    /// Every flat parameter's full value (trainable and frozen) as a <see cref="WeightStream"/> for <see cref="HfCheckpoint.SaveStreamed"/> (on
+    /// rank 0) and <see cref="HfCheckpoint.FetchStream"/> (on the others): each flat vector is one group, gathered from
+    /// the fp32 shards when fetched and freed when the fetch returns, so no rank holds more than one vector of the model
+    /// beyond what training holds. The values reach the callback on rank 0 only.
+    /// </summary>
+    public WeightStream FullStateStream()
+    {
+        var flats = EveryFlat.ToDictionary(f => f.Name, StringComparer.Ordinal);
+        var tensors = EveryFlat.SelectMany(f => f.Layout.Select(p => (p.Name, p.Shape, f.Name))).ToList();
+        return new WeightStream(tensors, (group, use) => flats[group].Collect(use));
+    }
+
     /// <inheritdoc />
     public void Dispose()
     {
-        foreach (var flat in AllFlats)
+        foreach (var flat in EveryFlat)
         {
             flat.Dispose();
         }
@@ -232,6 +271,7 @@ public sealed class ShardedModel : IDisposable
     internal const string Decay = "/decay";
     internal const string NoDecay = "/no-decay";
     internal const string Embedding = "/embedding";
+    internal const string Frozen = "/frozen";
 
     // AdamW's decay groups (matrices decay, vectors do not) and 8-bit AdamW's fp32 embeddings need separate vectors:
     // one flat vector has one weight decay and one moment format.
@@ -247,5 +287,15 @@ public sealed class ShardedModel : IDisposable
         // Members are chosen before any vector is built: building one releases its parameters (their shapes become [0]).
         var members = groups.Select(g => (g.Suffix, Members: parameters.Where(g.Member).ToList())).Where(g => g.Members.Count > 0).ToList();
         return members.Select(g => new FlatParameter(unit + g.Suffix, g.Members, collectives, communication, pool, masters, prefetch)).ToList();
+    }
+
+    // A layer's frozen float parameters: one vector per dtype (one vector gathers in one dtype), named unit/frozen, or
+    // unit/frozen-<dtype> when a layer's frozen parameters come in several dtypes.
+    private static List<FlatParameter> FrozenFlats(string unit, List<(string Name, Parameter Parameter)> parameters, ICollectives collectives,
+        System.Diagnostics.Stopwatch communication, BufferPool pool, PrefetchQueue prefetch)
+    {
+        var byDtype = parameters.GroupBy(p => p.Parameter.dtype).Select(g => (g.Key, Members: g.ToList())).ToList();
+        return byDtype.Select(g => new FlatParameter(unit + Frozen + (byDtype.Count > 1 ? "-" + HfCheckpoint.DtypeName(g.Key) : ""), g.Members,
+            collectives, communication, pool, null, prefetch)).ToList();
     }
 }

@@ -88,12 +88,19 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
     /// <inheritdoc />
     public override Tensor forward(Tensor hidden, DecoderContext context)
     {
-        if (!is_grad_enabled() || Flats.Count == 0)
+        if (Flats.Count == 0)
         {
-            // Evaluation and generation: gather, run, free. A layer without trainable parameters has nothing sharded.
+            return inner.forward(hidden, context); // nothing sharded (no float parameters)
+        }
+        // Backward needs this layer when its parameters train or when its input's gradient is wanted (a frozen layer
+        // above an adapted one, whose sharded frozen weights must be gathered again for it).
+        if (!is_grad_enabled() || (!hidden.requires_grad && !Flats.Any(f => f.Trainable)))
+        {
+            // Evaluation and generation, or nothing to differentiate: gather, run without a graph, free.
             Gather();
             try
             {
+                using var noGrad = no_grad();
                 return inner.forward(hidden, context);
             }
             finally
@@ -104,7 +111,7 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
         var (cos, sin, mask) = context.AsInputs();
         // The shards are inputs so that a node exists even when the hidden states do not require grad (a frozen embedding under LoRA).
         var inputs = new List<object> { hidden, cos, sin, this, mask };
-        inputs.AddRange(Flats.Select(f => f.Shard));
+        inputs.AddRange(Flats.Where(f => f.Trainable).Select(f => f.Shard));
         return FsdpFunction.apply([.. inputs]);
     }
 

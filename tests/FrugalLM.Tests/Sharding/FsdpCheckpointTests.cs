@@ -129,8 +129,12 @@ public sealed class ShardedCheckpointTests
 {
     public ShardedCheckpointTests() => TestSupport.Init();
 
-    [Fact]
-    public void ACheckpointWithoutItsIndexIsIgnoredAndResumingContinuesExactly()
+    // With LoRA, FULL_SHARD also shards the layers' frozen base: its vectors are left out of the checkpoint (the base
+    // comes from the model again on resume), and resuming must still continue exactly.
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void ACheckpointWithoutItsIndexIsIgnoredAndResumingContinuesExactly(bool lora)
     {
         using var dir = TestSupport.TempDir();
         var random = new Random(5);
@@ -142,8 +146,13 @@ public sealed class ShardedCheckpointTests
         {
             using var model = new LlamaForCausalLM(TestSupport.TinyConfig());
             model.InitializeWeights(seed: 3);
+            if (lora)
+            {
+                FrugalLM.Lora.LoraModel.Apply(model, new FrugalLM.Lora.LoraConfig { Rank = 4, Alpha = 8, Targets = FrugalLM.Lora.LoraTargets.AllLinear }, seed: 4);
+            }
             using var collectives = new SingleProcessCollectives();
             using var sharded = Fsdp.Wrap(model, collectives, ShardingStrategy.FullShard);
+            Assert.Equal(lora, sharded.FrozenCount > 0);
             var trainer = new Trainer(model, corpus, options, sharding: sharded);
             resumedFrom = resume ? trainer.Resume() : null;
             var losses = new List<double>();
@@ -160,6 +169,9 @@ public sealed class ShardedCheckpointTests
         Assert.Equal(Path.Combine(folder, "step-000003"), ShardedCheckpoint.Latest(folder));
         var error = Assert.Throws<CheckpointFormatException>(() => ShardedCheckpoint.ReadIndex(incomplete));
         Assert.Contains("incomplete", error.Message);
+        var vectors = ShardedCheckpoint.ReadIndex(Path.Combine(folder, "step-000003"))["vectors"]!.AsArray().Select(v => v!["name"]!.GetValue<string>()).ToList();
+        Assert.NotEmpty(vectors);
+        Assert.DoesNotContain(vectors, v => v.Contains("/frozen", StringComparison.Ordinal));
 
         var resumed = Train(resume: true, out var from);
         Assert.Equal(Path.Combine(folder, "step-000003"), from);

@@ -44,6 +44,21 @@ public sealed class FsdpLaunchTests(FsdpLaunchTests.Setup setup) : IClassFixture
     {
         var sharded = setup.Train($"lora-{strategy}", ranks: 2, batch: 2, setup.LoraTraining(), "--fsdp", strategy);
         Assert.Contains("trainable parameters", sharded.Stderr + sharded.Stdout);
+        // Under FULL_SHARD the frozen base of every decoder layer is sharded too (the embedding, final norm and head stay
+        // whole); SHARD_GRAD_OP keeps it whole.
+        using (var model = new LlamaForCausalLM(TestSupport.TinyConfig() with { VocabSize = 50257 }))
+        {
+            long layers = model.named_parameters().Where(p => p.name.Contains(".layers.", StringComparison.Ordinal)).Sum(p => p.parameter.numel());
+            var line = string.Create(CultureInfo.InvariantCulture, $"{layers:N0} frozen parameters of the decoder layers sharded");
+            if (strategy == "full")
+            {
+                Assert.Contains(line, sharded.Stderr + sharded.Stdout);
+            }
+            else
+            {
+                Assert.DoesNotContain("frozen parameters of the decoder layers sharded", sharded.Stderr + sharded.Stdout);
+            }
+        }
         AssertSame(setup.Lora.Value, sharded, "adapter_model.safetensors");
     }
 
