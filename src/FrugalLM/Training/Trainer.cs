@@ -159,6 +159,7 @@ public sealed class Trainer
     private readonly MixedPrecision precision;
     private readonly CosineSchedule schedule;
     private readonly ShardedModel? sharding;
+    private TimeSpan optimizerTime;
 
     /// <summary>Prepares training; <paramref name="precision"/> defaults to fp32 (no conversion).</summary>
     /// <param name="model">The model.</param>
@@ -209,6 +210,15 @@ public sealed class Trainer
 
     /// <summary>Whether this run's host steps overlap backward (<see cref="TrainOptions.OverlapOptimizer"/> and its conditions).</summary>
     public bool OverlapsOptimizer => HostOptimizer is not null && options.OverlapOptimizer && options.GradClip == 0 && precision.Scaler is null;
+
+    /// <summary>
+    /// Without the host optimizer: time in the in-memory optimizer step and the copy of masters into 16-bit weights (what
+    /// the host kernel does in one pass), for comparison with <see cref="HostOptimizerStats.StepTime"/>; null with it.
+    /// </summary>
+    public TimeSpan? OptimizerStepTime => HostOptimizer is null ? optimizerTime : null;
+
+    /// <summary>In-memory optimizer steps taken (counted with <see cref="OptimizerStepTime"/>).</summary>
+    public long OptimizerSteps { get; private set; }
 
     /// <summary>The precision policy.</summary>
     public MixedPrecision Precision => precision;
@@ -366,9 +376,12 @@ public sealed class Trainer
         {
             // clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is below 1.
             double clip = options.GradClip > 0 ? Math.Min(1.0, options.GradClip / (norm + 1e-6)) : 1.0;
+            long started = Stopwatch.GetTimestamp();
             Optimizer.Step(precision.Unscale * clip);
             MemoryTrace.Mark("optimizer");
             precision.SyncWeights();
+            optimizerTime += Stopwatch.GetElapsedTime(started);
+            OptimizerSteps++;
             sharding?.SyncWeights();
         }
         precision.Scaler?.Update(overflow);
