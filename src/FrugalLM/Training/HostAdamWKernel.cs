@@ -301,8 +301,9 @@ internal static unsafe class HostAdamWKernel
         }
     }
 
-    // absmax of the block (at least 1e-30), then each value / absmax to the index of the first midpoint not below it
-    // (searchsorted's left side): a branchless binary search over the 255 midpoints. Returns the block's scale.
+    // absmax of the block (at least 1e-30), then each value / absmax to the number of midpoints below it (searchsorted's
+    // left side). A table indexed by the value's top 16 bits gives how many midpoints lie below the whole bucket of floats
+    // sharing them; the few midpoints inside a bucket are then compared one by one. Returns the block's scale.
     private static float Encode(float* values, int n, int stored, float[] bounds, byte* codes)
     {
         float absmax = 0;
@@ -311,20 +312,44 @@ internal static unsafe class HostAdamWKernel
             absmax = MathF.Max(absmax, MathF.Abs(values[i]));
         }
         absmax = MathF.Max(absmax, 1e-30f);
+        var below = ReferenceEquals(bounds, SignedBounds) ? SignedBelow : UnsignedBelow;
         fixed (float* b = bounds)
+        fixed (byte* start = below)
         {
             for (int i = 0; i < stored; i++)
             {
                 float x = i < n ? values[i] / absmax : 0f;
-                int index = 0;
-                for (int step = 128; step > 0; step >>= 1)
+                int index = start[BitConverter.SingleToUInt32Bits(x) >> 16];
+                while (index < 255 && b[index] < x)
                 {
-                    index += b[index + step - 1] < x ? step : 0;
+                    index++;
                 }
                 codes[i] = (byte)index;
             }
         }
         return absmax;
+    }
+
+    private static readonly byte[] SignedBelow = BucketStarts(SignedBounds);
+    private static readonly byte[] UnsignedBelow = BucketStarts(UnsignedBounds);
+
+    // For each 16-bit prefix: midpoints below every float with that prefix (the bucket's lowest value is its smallest
+    // magnitude when positive, its largest when negative).
+    private static byte[] BucketStarts(float[] bounds)
+    {
+        var table = new byte[1 << 16];
+        for (int prefix = 0; prefix < table.Length; prefix++)
+        {
+            uint bits = (uint)prefix << 16;
+            float lowest = BitConverter.UInt32BitsToSingle((prefix & 0x8000) != 0 ? bits | 0xFFFF : bits);
+            int count = 0;
+            while (count < bounds.Length && bounds[count] < lowest)
+            {
+                count++;
+            }
+            table[prefix] = (byte)count;
+        }
+        return table;
     }
 
     private static void ToBFloat16(float* source, ushort* target, int n)
