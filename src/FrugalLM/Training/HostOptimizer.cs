@@ -18,7 +18,7 @@ public sealed record HostOptimizerStats(long Steps, long OverlappedSteps, TimeSp
     long LayersDuringBackward)
 {
     /// <summary>Step time the training thread did not spend on the step: 1 - (wait + after-backward time) / step time.</summary>
-    public double HiddenShare => StepTime > TimeSpan.Zero ? 1 - (WaitTime + AfterBackwardTime) / StepTime : 0;
+    public double HiddenShare => StepTime > TimeSpan.Zero ? Math.Clamp(1 - (WaitTime + AfterBackwardTime) / StepTime, 0, 1) : 0;
 }
 
 /// <summary>
