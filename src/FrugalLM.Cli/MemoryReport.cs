@@ -42,14 +42,25 @@ internal sealed class MemoryReport
     /// The report of the placement <paramref name="offload"/> chooses (none, disk, or by <paramref name="budgetBytes"/>),
     /// with this report's measured baseline; this report when nothing is to choose.
     /// </summary>
-    /// <param name="offload">--offload: null (in memory, or chosen by the budget), none or disk.</param>
+    /// <param name="offload">--offload: null (in memory, or chosen by the budget), none, disk, or (training) optimizer.</param>
     /// <param name="budgetBytes">--memory-budget above the runtime baseline, or null.</param>
     /// <param name="disk">The disk policy with the folder's stored format.</param>
-    public MemoryReport Place(string? offload, long? budgetBytes, OffloadPolicy disk)
+    /// <param name="training">Whether the run trains (only training has an optimizer to offload).</param>
+    public MemoryReport Place(string? offload, long? budgetBytes, OffloadPolicy disk, bool training = false)
     {
+        if (offload == "optimizer" && training)
+        {
+            if (budgetBytes is not null)
+            {
+                throw new ArgumentException("--memory-budget chooses between in-memory and disk placements; with --offload optimizer leave it out (the host tier is this machine's memory on a CPU run)");
+            }
+            return Replan(Plan with { Offload = OffloadPolicy.Optimizer });
+        }
         if (offload is not (null or "none" or "disk"))
         {
-            throw new ArgumentException($"--offload must be none or disk (got '{offload}'); optimizer, params and all are estimated by frugal estimate but need a GPU to mean anything");
+            throw new ArgumentException(training
+                ? $"--offload must be none, disk or optimizer (got '{offload}'); params and all are estimated by frugal estimate but not run: weights streamed from host memory need a GPU to mean anything"
+                : $"--offload must be none or disk (got '{offload}'); optimizer offload applies to training only, and params and all are estimated by frugal estimate but not run");
         }
         bool memory = offload is null or "none", streamed = offload is "disk" || (offload is null && budgetBytes is not null);
         if (budgetBytes is not long budget)
@@ -60,10 +71,17 @@ internal sealed class MemoryReport
         return new MemoryReport(plan, estimate);
     }
 
+    // Optimizer offload: what the policy puts on the host tier, which on this CPU run is the same memory as the device's.
+    private string HostPlacementLine() => string.Create(CultureInfo.InvariantCulture,
+        $"placement: offload optimizer (ZeRO-Offload: the step runs on the host in vectorized C#); host tier {Mib(Estimate.PlacedBytes(MemoryTier.Host))} predicted: fp32 masters {Mib(Estimate.Bytes("master_weights"))}, optimizer states {Mib(Estimate.Bytes("optimizer_states"))}, gradients {Mib(Estimate.Bytes("gradients") + Estimate.Bytes("gradients_head"))}; device tier peak {Mib(Estimate.DeviceBytes - Plan.Overhead.RuntimeBaselineBytes - (Plan.Device == ComputeDevice.Cpu ? Estimate.PlacedBytes(MemoryTier.Host) : 0))} above the baseline without them (on a CPU run host and device are one memory: the peak below counts both)");
+
+    /// <summary>The host tier's predicted bytes for the host optimizer's own tensors: fp32 masters and optimizer states.</summary>
+    public long PredictedHostOptimizerBytes => Estimate.Bytes("master_weights") + Estimate.Bytes("optimizer_states");
+
     private static MemoryReport Replan(RunPlan plan) => new(plan, MemoryEstimator.Estimate(plan));
 
     /// <summary>One line: the placement and its predicted bytes per tier.</summary>
-    public string PlacementLine(long? budgetBytes) => string.Create(CultureInfo.InvariantCulture,
+    public string PlacementLine(long? budgetBytes) => Plan.Offload.StepsOnHost ? HostPlacementLine() : string.Create(CultureInfo.InvariantCulture,
         $"placement: {OffloadPlanner.Describe(Plan)}{(budgetBytes is long b ? $" (budget {Mib(b)} above the baseline)" : "")}; predicted peak {Mib(Estimate.DeviceBytes - Plan.Overhead.RuntimeBaselineBytes)} in memory above the baseline{(Plan.StreamsWeights ? $" ({Mib(Estimate.Bytes("weights"))} resident weights, {Mib(Estimate.Bytes("weight_stream"))} layer buffers, {Mib(Estimate.Bytes("disk_staging"))} staging)" : "")}, {Mib(Estimate.DiskBytes)} on disk streamed per pass");
 
     /// <summary>One line: the plan and its predicted peak.</summary>

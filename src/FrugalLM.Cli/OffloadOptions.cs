@@ -11,7 +11,7 @@ internal sealed class OffloadOptions
 {
     public Option<string?> Offload { get; } = new("--offload")
     {
-        Description = "none, or disk: the decoder layers' weights stay in the model folder's safetensors files and are read into two reusable layer buffers as they run, the next read ahead on a background thread (default: none, or chosen by --memory-budget)",
+        Description = "none; optimizer (train: ZeRO-Offload, fp32 masters and optimizer states on the host, the step in vectorized C# overlapping backward layer by layer); or disk: the decoder layers' weights stay in the model folder's safetensors files and are read into two reusable layer buffers as they run, the next read ahead on a background thread (default: none, or chosen by --memory-budget)",
     };
 
     public Option<string?> Budget { get; } = new("--memory-budget")

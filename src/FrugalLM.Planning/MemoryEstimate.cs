@@ -36,7 +36,14 @@ public enum Phases
 /// <param name="Tier">Where it lives.</param>
 /// <param name="LiveIn">When it is alive (device peaks are per phase).</param>
 /// <param name="Formula">How the bytes were computed, for tables and documentation.</param>
-public sealed record MemoryComponent(string Key, string Label, long Bytes, MemoryTier Tier, Phases LiveIn, string Formula);
+public sealed record MemoryComponent(string Key, string Label, long Bytes, MemoryTier Tier, Phases LiveIn, string Formula)
+{
+    /// <summary>
+    /// The tier the offload policy names for it, before a CPU run lifts host into device memory (<see cref="OffloadPolicy.For"/>):
+    /// how a CPU run still reports what it placed on the host. Null means <see cref="Tier"/>.
+    /// </summary>
+    public MemoryTier? Placed { get; init; }
+}
 
 /// <summary>The estimator's answer for one plan.</summary>
 /// <param name="Plan">The plan estimated.</param>
@@ -69,6 +76,9 @@ public sealed record MemoryEstimate(
 
     /// <summary>Device peak plus host plus disk.</summary>
     public long TotalBytes => DeviceBytes + HostBytes + DiskBytes;
+
+    /// <summary>Bytes the offload policy places on <paramref name="tier"/> (<see cref="MemoryComponent.Placed"/>), whether or not a CPU run lifted them into device memory.</summary>
+    public long PlacedBytes(MemoryTier tier) => Components.Where(c => (c.Placed ?? c.Tier) == tier).Sum(c => c.Bytes);
 
     /// <summary>The bytes of the component with this key (0 when absent).</summary>
     public long Bytes(string key) => Components.Where(c => c.Key == key).Sum(c => c.Bytes);

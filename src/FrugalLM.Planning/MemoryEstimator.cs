@@ -241,8 +241,9 @@ public static class MemoryEstimator
                     + (plan.Quantization.Kind == QuantizationKind.None ? "the frozen embeddings and head" : "int8 layers and the frozen embeddings and head") + " replicated)"
                     : frozenSharded ? " (trainable and frozen)" : "") : "")));
         }
+        var placed = plan.Offload; // before a CPU run lifts host into device
         list.Add(new("master_weights", "fp32 master weights of trainable parameters", t.Sharded(u => u.Masters, ranks),
-            offload.OptimizerStates, Phases.All, "4 B x trainable parameters" + per));
+            offload.OptimizerStates, Phases.All, "4 B x trainable parameters" + per) { Placed = placed.OptimizerStates });
 
         long headGradients = t[HeadUnit].Gradients + (t.Tied ? t[EmbeddingUnit].Gradients : 0);
         long headShare = (headGradients + ranks - 1) / ranks;
@@ -250,15 +251,16 @@ public static class MemoryEstimator
         string gradFormula = $"{a} B x trainable parameters{per}";
         bool accumulating = plan.GradientAccumulationSteps > 1;
         list.Add(new("gradients_head", "gradients of the LM head and final norm (first in backward)", headShare,
-            offload.Gradients, Phases.All, gradFormula));
+            offload.Gradients, Phases.All, gradFormula) { Placed = placed.Gradients });
         list.Add(new("gradients", plan.Lora is null ? "gradients of the decoder layers and embeddings" : "gradients of the LoRA adapters",
             allGradients - headShare,
             offload.Gradients, accumulating ? Phases.All : Phases.BackwardEnd | Phases.OptimizerStep,
-            gradFormula + (accumulating ? "; kept across accumulated micro-batches" : "")));
+            gradFormula + (accumulating ? "; kept across accumulated micro-batches" : "")) { Placed = placed.Gradients });
         list.Add(new("optimizer_states", $"{PlanNames.Format(plan.Optimizer)} states", t.Sharded(u => u.States, ranks),
-            offload.OptimizerStates, Phases.All, OptimizerFormula(plan) + per));
+            offload.OptimizerStates, Phases.All, OptimizerFormula(plan) + per) { Placed = placed.OptimizerStates });
 
-        if (plan.Optimizer != OptimizerKind.None && t.TrainableCount > 0)
+        // The host step (HostAdamWKernel) updates masters and moments in place: no temporaries to count.
+        if (plan.Optimizer != OptimizerKind.None && t.TrainableCount > 0 && !plan.Offload.StepsOnHost)
         {
             // The step walks the tensors one at a time, each in chunks (OptimizerStepLayout); under sharding its tensors
             // are each unit's flat shard.

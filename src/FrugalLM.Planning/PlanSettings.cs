@@ -312,13 +312,13 @@ public sealed record OffloadPolicy(string Name, MemoryTier Weights, MemoryTier G
     public static OffloadPolicy None { get; } = new("none", MemoryTier.Device, MemoryTier.Device, MemoryTier.Device);
 
     /// <summary>ZeRO-Offload: gradients, optimizer states and masters on the host; the step runs on the CPU.</summary>
-    public static OffloadPolicy Optimizer { get; } = new("optimizer", MemoryTier.Device, MemoryTier.Host, MemoryTier.Host);
+    public static OffloadPolicy Optimizer { get; } = new("optimizer", MemoryTier.Device, MemoryTier.Host, MemoryTier.Host) { StepsOnHost = true };
 
     /// <summary>Weights on the host, streamed layer by layer; gradients and optimizer stay on the device.</summary>
     public static OffloadPolicy Params { get; } = new("params", MemoryTier.Host, MemoryTier.Device, MemoryTier.Device);
 
     /// <summary>Weights, gradients and optimizer on the host (FSDP CPUOffload(offload_params=True)).</summary>
-    public static OffloadPolicy All { get; } = new("all", MemoryTier.Host, MemoryTier.Host, MemoryTier.Host);
+    public static OffloadPolicy All { get; } = new("all", MemoryTier.Host, MemoryTier.Host, MemoryTier.Host) { StepsOnHost = true };
 
     /// <summary>
     /// The frozen weights of the decoder layers stay in the model folder's safetensors files and are read into reusable
@@ -346,6 +346,13 @@ public sealed record OffloadPolicy(string Name, MemoryTier Weights, MemoryTier G
     /// <c>frugal quantize</c>), false when each linear weight is read in float and quantized on every read.
     /// </summary>
     public bool StoredInt8 { get; init; }
+
+    /// <summary>
+    /// Whether the optimizer step runs on the host in the vectorized C# kernel (ZeRO-Offload: <see cref="Optimizer"/>,
+    /// <see cref="All"/>), which works in place on the masters and moments with no temporaries beyond a few stack
+    /// buffers per thread; otherwise the in-memory AdamW steps with libtorch ops chunk by chunk (disk offload keeps it).
+    /// </summary>
+    public bool StepsOnHost { get; init; }
 
     /// <summary>The named policies.</summary>
     public static IReadOnlyList<OffloadPolicy> Named { get; } = [None, Optimizer, Params, All, Disk];

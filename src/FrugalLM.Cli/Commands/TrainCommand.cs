@@ -64,12 +64,13 @@ internal static class TrainCommand
         var collectiveTimeout = new Option<string>("--collective-timeout") { Description = "Under frugal launch: abort the job when a collective waits longer than this for the other ranks (a hung rank), e.g. 90s, 5m; 0 = wait forever", DefaultValueFactory = _ => "5m" };
         var quantize = new QuantizeOptions();
         var offloadOptions = new OffloadOptions();
+        var offloadOverlap = new Option<bool>("--offload-overlap") { Description = "With --offload optimizer: step each decoder layer on a background thread while backward continues (needs --grad-clip 0 and no fp16 loss scaling; otherwise the host step runs after backward)", DefaultValueFactory = _ => true };
         var device = DeviceOption.Create();
         var command = new Command("train", "Train a LLaMA or OPT model on a text corpus and save it as a Hugging Face folder")
         {
             model, config, tokenizerOption, data, output, steps, batch, seq, accumulation, precision, gradCheckpointing, fp32NormsAndHead, checkpointEvery,
             lossChunk, loraRank, loraAlpha, loraDropout, loraTargets, optimizer, lr, warmup, weightDecay, clip, evalEvery, evalBatches, saveEvery, stateEvery, resume, logEvery, seed, saveDtype,
-            samplePrompt, threads, fsdp, collectiveTimeout, device,
+            samplePrompt, threads, fsdp, collectiveTimeout, device, offloadOverlap,
         };
         foreach (var option in quantize.All.Concat(offloadOptions.All))
         {
@@ -172,8 +173,14 @@ internal static class TrainCommand
                 {
                     throw new ArgumentException("--offload disk streams a frozen base from its folder: train LoRA adapters on it (--model and --lora-r)");
                 }
+                if (pr.GetValue(offloadOptions.Offload) == "optimizer" && (strategy != ShardingStrategy.None || plan.Precision == Precision.Bf16Pure))
+                {
+                    throw new ArgumentException(strategy != ShardingStrategy.None
+                        ? "--offload optimizer does not compose with --fsdp (each rank would step its shard on the host: not implemented)"
+                        : "--offload optimizer steps fp32 masters: --precision bf16-pure has none (use bf16)");
+                }
                 report = report.Place(pr.GetValue(offloadOptions.Offload), budget,
-                    checkpoint is null || plan.Lora is null ? OffloadPolicy.None : Offload.DiskOffload.Policy(checkpoint));
+                    checkpoint is null || plan.Lora is null ? OffloadPolicy.None : Offload.DiskOffload.Policy(checkpoint), training: true);
                 plan = report.Plan;
                 CliRunner.Status(report.PlacementLine(budget));
             }
@@ -230,8 +237,16 @@ internal static class TrainCommand
                 Seed = pr.GetValue(seed),
                 CheckpointEvery = pr.GetValue(stateEvery),
                 CheckpointFolder = Path.Combine(outFolder, "checkpoints"),
+                OptimizerOnHost = plan.Offload.StepsOnHost,
+                OverlapOptimizer = pr.GetValue(offloadOverlap),
             };
             var trainer = new Trainer(lm, corpus, options, mixed, sharded);
+            if (trainer.HostOptimizer is { } host)
+            {
+                CliRunner.Status(trainer.OverlapsOptimizer
+                    ? $"host optimizer: {host.Threads} threads; each decoder layer stepped while backward continues"
+                    : $"host optimizer: {host.Threads} threads; stepped after backward ({(!options.OverlapOptimizer ? "--offload-overlap false" : options.GradClip > 0 ? "--grad-clip needs the global gradient norm before any layer is stepped; --grad-clip 0 overlaps" : "fp16 loss scaling must see every gradient before stepping, to skip overflowing steps")})");
+            }
             if (sharded is not null)
             {
                 // The index of a sharded checkpoint says what the run's own save would write, so that consolidation needs no model.
@@ -276,6 +291,15 @@ internal static class TrainCommand
                 CliRunner.Status(OffloadOptions.StatsLine(streamed));
             }
             CliRunner.Status(report.ComparisonLine(result.PeakBytes));
+            if (trainer.HostOptimizer is { } hostOptimizer)
+            {
+                CliRunner.Status(HostOptimizerLine(hostOptimizer, report));
+            }
+            if (trainer.OptimizerStepTime is { } inMemory && result.Steps > 0)
+            {
+                CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
+                    $"optimizer step (libtorch, in memory): {1000 * inMemory.TotalSeconds / Math.Max(1, trainer.OptimizerSteps):F1} ms per step over {trainer.OptimizerSteps} steps"));
+            }
             if (sharded is not null)
             {
                 CliRunner.Status(RankLine(sharded, result));
@@ -334,6 +358,15 @@ internal static class TrainCommand
         }
         sharded.Collectives.Barrier(); // no rank finishes before the files are written
         MemoryTrace.Mark("save");
+    }
+
+    // Host tier measured against predicted, the step kernel's time and how much of it backward hid.
+    private static string HostOptimizerLine(HostOptimizer host, MemoryReport report)
+    {
+        var s = host.Stats;
+        double perStep = 1000 * s.StepTime.TotalSeconds / Math.Max(1, s.Steps);
+        return string.Create(CultureInfo.InvariantCulture,
+            $"host optimizer: host tier {MemoryProbe.Mib(host.HostBytes)} measured (moments and fp32 masters), {MemoryProbe.Mib(report.PredictedHostOptimizerBytes)} predicted; step {perStep:F1} ms per step over {s.Steps} steps ({s.OverlappedSteps} overlapped, {s.LayersDuringBackward} layers stepped during backward); training thread waited {1000 * s.WaitTime.TotalSeconds / Math.Max(1, s.Steps):F1} ms and stepped {1000 * s.AfterBackwardTime.TotalSeconds / Math.Max(1, s.Steps):F1} ms per step after backward: {100 * s.HiddenShare:F0}% of the step hidden by backward");
     }
 
     /// <summary>A duration such as 90s, 5m, 1h, 500ms or a plain number of seconds; 0 means infinite.</summary>

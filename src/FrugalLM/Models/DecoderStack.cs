@@ -16,6 +16,11 @@ public static class DecoderStack
     public static Tensor RunLayer(nn.Module<Tensor, DecoderContext, Tensor> layer, Tensor hidden, DecoderContext context)
     {
         using var scope = NewDisposeScope();
+        // A wrapper (a checkpointed segment) runs its real layers through here again where they compute with a graph.
+        if (layer is not ITransparentWrapper)
+        {
+            hidden = FrugalLM.Native.LayerBackward.Mark(hidden, layer);
+        }
         return FrugalLM.Native.MemoryTrace.MarkInBackward(layer.forward(hidden, context), "bwd-layer").MoveToOuterDisposeScope();
     }
 }

@@ -53,6 +53,12 @@ public sealed class MixedPrecision : IDisposable
     public IReadOnlyList<(string Name, Tensor Parameter)> OptimizerParameters =>
         parameters.Select(p => (p.Name, p.Master ?? (Tensor)p.Model)).ToList();
 
+    /// <summary>Each trainable parameter: its name, the model's (compute) parameter and its fp32 master (null without masters).</summary>
+    internal IReadOnlyList<(string Name, Parameter Model, Tensor? Master)> Entries => parameters;
+
+    /// <summary>Whether gradients of several micro-batches accumulate in fp32 on the masters' <c>grad</c>.</summary>
+    internal bool AccumulatesInMasters => accumulateInMasters;
+
     /// <summary>Bytes held by the fp32 masters (and their gradient accumulators).</summary>
     public long MasterBytes => parameters.Sum(p => p.Master is null ? 0 : p.Master.numel() * 4 * (accumulateInMasters ? 2 : 1));
 

@@ -125,10 +125,7 @@ public sealed class AdamW : IDisposable
     /// </summary>
     public void Step(double gradientMultiplier = 1.0)
     {
-        StepCount++;
-        double correction1 = 1 - Math.Pow(Beta1, StepCount);
-        double correction2Sqrt = Math.Sqrt(1 - Math.Pow(Beta2, StepCount));
-        double stepSize = LearningRate / correction1;
+        var (correction2Sqrt, stepSize) = BeginStep();
         using var noGrad = no_grad();
         foreach (var group in groups)
         {
@@ -175,6 +172,33 @@ public sealed class AdamW : IDisposable
             }
         }
     }
+
+    /// <summary>Counts a step and returns its bias corrections: sqrt(1 - beta2^t) and the step size lr / (1 - beta1^t).</summary>
+    internal (double Correction2Sqrt, double StepSize) BeginStep()
+    {
+        StepCount++;
+        double correction1 = 1 - Math.Pow(Beta1, StepCount);
+        return (Math.Sqrt(1 - Math.Pow(Beta2, StepCount)), LearningRate / correction1);
+    }
+
+    /// <summary>
+    /// Allocates every parameter's moments now (the first step would): the host optimizer reads their memory from
+    /// other threads, where no tensor may be created.
+    /// </summary>
+    internal void AllocateStates()
+    {
+        foreach (var (_, parameter) in groups.SelectMany(g => g.Parameters))
+        {
+            State(parameter);
+        }
+    }
+
+    /// <summary>A parameter's moments: dense fp32/bf16 tensors, or 8-bit codes with their per-block absmax scales.</summary>
+    internal (Tensor ExpAvg, Tensor ExpAvgSq, Tensor? AvgScale, Tensor? AvgSqScale) MomentTensors(Tensor parameter) => State(parameter).Raw;
+
+    /// <summary>The block-wise quantizers of 8-bit moments (null for other formats).</summary>
+    internal (BlockwiseQuantizer Signed, BlockwiseQuantizer Unsigned)? Quantizers =>
+        signedCodes is null ? null : (signedCodes, unsignedCodes!);
 
     /// <summary>The moments as named tensors (<c>exp_avg.NAME</c>, <c>exp_avg_sq.NAME</c>, and <c>.absmax</c> scales of 8-bit ones), for checkpoints.</summary>
     public IEnumerable<(string Name, Tensor Tensor)> StateTensors()
@@ -309,6 +333,8 @@ public sealed class AdamW : IDisposable
             return (expAvg.narrow(0, start, padded), avgScale!.narrow(0, start / block, padded / block),
                 expAvgSq.narrow(0, start, padded), avgSqScale!.narrow(0, start / block, padded / block));
         }
+
+        public (Tensor, Tensor, Tensor?, Tensor?) Raw => (expAvg, expAvgSq, avgScale, avgSqScale);
 
         public IEnumerable<Tensor> Tensors() => new[] { expAvg, expAvgSq, avgScale, avgSqScale }.OfType<Tensor>();
 

@@ -18,10 +18,19 @@ public sealed class BlockwiseQuantizer : IDisposable
     public BlockwiseQuantizer(bool signed, int blockSize)
     {
         BlockSize = blockSize;
+        codes = tensor(DynamicMap(signed)).DetachFromDisposeScope();
+        boundaries = tensor(Boundaries(signed)).DetachFromDisposeScope();
+    }
+
+    /// <summary>
+    /// The 255 midpoints between neighbouring codes of the dynamic map: the number of midpoints below a normalized
+    /// value is the index of its nearest code (what <c>searchsorted</c> returns). The host optimizer searches the same
+    /// array, so both encode every value alike.
+    /// </summary>
+    public static float[] Boundaries(bool signed)
+    {
         var map = DynamicMap(signed);
-        codes = tensor(map).DetachFromDisposeScope();
-        // Midpoints between neighbouring codes: the index of the first midpoint above a value is its nearest code.
-        boundaries = tensor(map.Zip(map.Skip(1), (a, b) => (a + b) / 2).ToArray()).DetachFromDisposeScope();
+        return map.Zip(map.Skip(1), (a, b) => (a + b) / 2).ToArray();
     }
 
     /// <summary>Values per block (one fp32 scale each).</summary>

@@ -73,6 +73,20 @@ public sealed record TrainOptions
     /// <summary>Where resumable checkpoints go (<c>step-N</c> folders; the last two are kept).</summary>
     public string? CheckpointFolder { get; init; }
 
+    /// <summary>
+    /// ZeRO-Offload (<c>--offload optimizer</c>): fp32 masters and moments on the host tier, the step run by
+    /// <see cref="Training.HostOptimizer"/> in vectorized C# instead of libtorch ops.
+    /// </summary>
+    public bool OptimizerOnHost { get; init; }
+
+    /// <summary>
+    /// With <see cref="OptimizerOnHost"/>: step each decoder layer while backward continues, on the last micro-batch of a
+    /// step. Only when the update needs nothing global: without clipping (<see cref="GradClip"/> 0: the global norm is
+    /// known only after backward) and without fp16 loss scaling (an overflow anywhere must skip the whole step);
+    /// otherwise the host step runs after backward.
+    /// </summary>
+    public bool OverlapOptimizer { get; init; } = true;
+
     /// <summary>Checks the values; throws <see cref="ArgumentException"/> naming the bad one.</summary>
     public void Validate()
     {
@@ -145,6 +159,7 @@ public sealed class Trainer
     private readonly MixedPrecision precision;
     private readonly CosineSchedule schedule;
     private readonly ShardedModel? sharding;
+    private TimeSpan optimizerTime;
 
     /// <summary>Prepares training; <paramref name="precision"/> defaults to fp32 (no conversion).</summary>
     /// <param name="model">The model.</param>
@@ -164,6 +179,10 @@ public sealed class Trainer
         this.precision = precision ?? MixedPrecision.Apply(model, Planning.Precision.Fp32);
         var format = options.Optimizer == OptimizerKind.AdamW8bit ? MomentFormat.Blockwise8Bit
             : this.precision.Bf16Moments ? MomentFormat.BFloat16 : MomentFormat.Float32;
+        if (options.OptimizerOnHost && sharding is not null)
+        {
+            throw new ArgumentException("the host optimizer (--offload optimizer) does not compose with FSDP sharding");
+        }
         Optimizer = sharding is null
             ? new AdamW(
                 AdamW.DecayGroups(this.precision.OptimizerParameters, options.WeightDecay),
@@ -171,6 +190,7 @@ public sealed class Trainer
                 this.precision.GradientOf, format, EmbeddingParameterNames(model))
             : new AdamW(sharding.OptimizerGroups(options.WeightDecay), options.LearningRate, options.Beta1, options.Beta2, options.Eps,
                 null, format, sharding.EmbeddingFlats);
+        HostOptimizer = options.OptimizerOnHost ? new HostOptimizer(Optimizer, this.precision) : null;
         schedule = new CosineSchedule(
             options.LearningRate,
             options.MinLearningRate ?? options.LearningRate / 10,
@@ -184,6 +204,21 @@ public sealed class Trainer
 
     /// <summary>The optimizer (its moments are part of checkpoints).</summary>
     public AdamW Optimizer { get; }
+
+    /// <summary>The host optimizer that runs the step under <see cref="TrainOptions.OptimizerOnHost"/> (null otherwise).</summary>
+    public HostOptimizer? HostOptimizer { get; }
+
+    /// <summary>Whether this run's host steps overlap backward (<see cref="TrainOptions.OverlapOptimizer"/> and its conditions).</summary>
+    public bool OverlapsOptimizer => HostOptimizer is not null && options.OverlapOptimizer && options.GradClip == 0 && precision.Scaler is null;
+
+    /// <summary>
+    /// Without the host optimizer: time in the in-memory optimizer step and the copy of masters into 16-bit weights (what
+    /// the host kernel does in one pass), for comparison with <see cref="HostOptimizerStats.StepTime"/>; null with it.
+    /// </summary>
+    public TimeSpan? OptimizerStepTime => HostOptimizer is null ? optimizerTime : null;
+
+    /// <summary>In-memory optimizer steps taken (counted with <see cref="OptimizerStepTime"/>).</summary>
+    public long OptimizerSteps { get; private set; }
 
     /// <summary>The precision policy.</summary>
     public MixedPrecision Precision => precision;
@@ -306,6 +341,10 @@ public sealed class Trainer
     /// </summary>
     public StepResult Step(IReadOnlyList<TrainingBatch> microBatches)
     {
+        if (HostOptimizer is { } host)
+        {
+            return HostStep(microBatches, host);
+        }
         using var step = StepScope.Begin(trimHeap: true);
         precision.ZeroGradients();
         sharding?.ZeroGradients();
@@ -337,14 +376,69 @@ public sealed class Trainer
         {
             // clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is below 1.
             double clip = options.GradClip > 0 ? Math.Min(1.0, options.GradClip / (norm + 1e-6)) : 1.0;
+            long started = Stopwatch.GetTimestamp();
             Optimizer.Step(precision.Unscale * clip);
             MemoryTrace.Mark("optimizer");
             precision.SyncWeights();
+            optimizerTime += Stopwatch.GetElapsedTime(started);
+            OptimizerSteps++;
             sharding?.SyncWeights();
         }
         precision.Scaler?.Update(overflow);
         precision.ZeroGradients(); // no gradient memory through evaluation, samples and checkpoints between steps
         sharding?.ZeroGradients();
+        return new StepResult(loss, norm, overflow);
+    }
+
+    // Step() with the host optimizer. Overlapped, the last micro-batch's forward and backward run inside the host step
+    // (marks are placed in forward, fire in backward), and its 16-bit gradients are not moved into the fp32 accumulators:
+    // the host kernel adds the two as it reads them. The reported norm is then the kernel's own sum (no clipping reads
+    // it). Not overlapped, the step is the in-memory one with the host kernel in place of libtorch's ops.
+    private StepResult HostStep(IReadOnlyList<TrainingBatch> microBatches, HostOptimizer host)
+    {
+        using var step = StepScope.Begin(trimHeap: true);
+        precision.ZeroGradients();
+        MemoryTrace.Mark("start");
+        double counted = Math.Max(1, microBatches.Sum(b => b.LabelCount));
+        bool overlap = OverlapsOptimizer;
+        double loss = 0;
+        for (int i = 0; i < microBatches.Count; i++)
+        {
+            bool last = i == microBatches.Count - 1;
+            using (last && overlap ? host.BeginOverlapped(precision.Unscale) : null)
+            {
+                var micro = LossSum(microBatches[i]) / counted;
+                MemoryTrace.Mark("forward");
+                precision.ScaleLoss(micro).backward();
+                MemoryTrace.Mark("backward");
+                loss += micro.item<float>();
+            }
+            if (!(last && overlap))
+            {
+                precision.AccumulateGradients();
+            }
+        }
+        double norm;
+        bool overflow = false;
+        if (overlap)
+        {
+            norm = host.Finish() * precision.Unscale;
+            MemoryTrace.Mark("optimizer");
+        }
+        else
+        {
+            norm = precision.GradientNorm();
+            MemoryTrace.Mark("norm");
+            overflow = double.IsNaN(norm) || double.IsInfinity(norm);
+            if (!overflow)
+            {
+                double clip = options.GradClip > 0 ? Math.Min(1.0, options.GradClip / (norm + 1e-6)) : 1.0;
+                host.Step(precision.Unscale * clip);
+                MemoryTrace.Mark("optimizer");
+            }
+        }
+        precision.Scaler?.Update(overflow);
+        precision.ZeroGradients();
         return new StepResult(loss, norm, overflow);
     }
 
