@@ -283,7 +283,7 @@ public static class MemoryEstimator
         // Activations.
         long layer = ActivationModel.LayerBytes(plan, b, s);
         // Disk offload runs each streamed layer without a graph and recomputes it in backward: checkpointing every layer.
-        int layers = m.NumHiddenLayers, k = plan.StreamsWeights || recomputes ? 1 : plan.Checkpointing.Interval;
+        int layers = m.NumHiddenLayers, k = plan.StreamsWeights || recomputes || (fsdp && plan.Checkpointing.Enabled) ? 1 : plan.Checkpointing.Interval;
         if (k == 0)
         {
             list.Add(new("activations", "activations kept by every decoder layer", checked(layers * layer), MemoryTier.Device,

@@ -45,10 +45,18 @@ public static class Fsdp
         {
             throw new InvalidOperationException("FSDP is already applied to this model");
         }
-        if (model.DecoderLayers.Any(l => l is Checkpointing.CheckpointedLayer))
+        // Activation checkpointing becomes FSDP's own recomputation: FULL_SHARD recomputes every layer in backward anyway
+        // (checkpointing inside it would recompute twice), and SHARD_GRAD_OP then runs each layer without a graph and
+        // recomputes it in backward from its kept, still gathered weights. Either way per layer, whatever the interval.
+        bool checkpointed = false;
+        var decoderLayers = model.DecoderLayers;
+        for (int i = 0; i < decoderLayers.Count; i++)
         {
-            // FULL_SHARD already recomputes every layer in backward; checkpointing under it would recompute twice.
-            throw new NotSupportedException("FSDP does not compose with --grad-checkpointing yet (--fsdp full already recomputes each layer in backward)");
+            if (decoderLayers[i] is Checkpointing.CheckpointedLayer wrapped)
+            {
+                ModuleTree.Replace(model, model.DecoderLayersPath + "." + i.ToString(System.Globalization.CultureInfo.InvariantCulture), wrapped.Inner);
+                checkpointed = true;
+            }
         }
         if (precision?.Mode == Planning.Precision.Bf16Pure)
         {
@@ -57,7 +65,7 @@ public static class Fsdp
         var masters = precision?.TakeMasters() ?? [];
         try
         {
-            return new ShardedModel(model, collectives, strategy, masters.ToDictionary(m => m.Name, m => m.Master, StringComparer.Ordinal));
+            return new ShardedModel(model, collectives, strategy, masters.ToDictionary(m => m.Name, m => m.Master, StringComparer.Ordinal), checkpointed);
         }
         finally
         {
@@ -91,7 +99,7 @@ public sealed class ShardedModel : IDisposable
     private readonly BufferPool pool = new();
     private readonly PrefetchQueue prefetch = new();
 
-    internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy, IReadOnlyDictionary<string, Tensor> masters)
+    internal ShardedModel(CausalLM model, ICollectives collectives, ShardingStrategy strategy, IReadOnlyDictionary<string, Tensor> masters, bool checkpointed = false)
     {
         Collectives = collectives;
         Strategy = strategy;
@@ -111,7 +119,7 @@ public sealed class ShardedModel : IDisposable
                     .Select(p => (path + "." + p.name, p.parameter)).ToList();
             var flats = Flats(path, named, embeddings, collectives, communication, pool, masters, prefetch);
             flats.AddRange(FrozenFlats(path, frozen, collectives, communication, pool, prefetch));
-            var layer = new FsdpLayer(decoder[i], flats, strategy);
+            var layer = new FsdpLayer(decoder[i], flats, strategy, recomputes: strategy == ShardingStrategy.FullShard || checkpointed);
             ModuleTree.Replace(model, path, layer);
             // FRUGAL_FSDP_PREFETCH=0 turns prefetching off, to measure what it hides. One rank has nothing to hide: its
             // gathers are copies, and a libtorch copy on the queue's thread starts a second OpenMP team with its own

@@ -27,11 +27,12 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
 {
     private readonly nn.Module<Tensor, DecoderContext, Tensor> inner;
 
-    internal FsdpLayer(nn.Module<Tensor, DecoderContext, Tensor> inner, List<FlatParameter> flats, ShardingStrategy strategy) : base(nameof(FsdpLayer))
+    internal FsdpLayer(nn.Module<Tensor, DecoderContext, Tensor> inner, List<FlatParameter> flats, ShardingStrategy strategy, bool recomputes) : base(nameof(FsdpLayer))
     {
         this.inner = inner;
         Flats = flats;
         Strategy = strategy;
+        Recomputes = recomputes;
         foreach (var (name, child) in inner.named_children())
         {
             register_module(name, child);
@@ -44,6 +45,12 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
     internal List<FlatParameter> Flats { get; }
 
     internal ShardingStrategy Strategy { get; }
+
+    /// <summary>
+    /// Runs without a graph in forward and recomputes in backward: always under FULL_SHARD (its weights are freed in
+    /// between), and under SHARD_GRAD_OP with activation checkpointing (its weights stay gathered).
+    /// </summary>
+    internal bool Recomputes { get; }
 
     /// <summary>The layer that runs after this one in forward (null for the last): prefetched while this one computes.</summary>
     internal FsdpLayer? Next { get; set; }
@@ -136,7 +143,7 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
             ctx.save_data("inputs", vars.Length);
             layer.Gather();
             layer.Next?.Prefetch();
-            if (layer.Strategy == ShardingStrategy.ShardGradOp)
+            if (!layer.Recomputes)
             {
                 Tensor input, output;
                 using (enable_grad())
@@ -161,7 +168,10 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
             }
             finally
             {
-                layer.Free();
+                if (layer.Strategy == ShardingStrategy.FullShard)
+                {
+                    layer.Free();
+                }
             }
         }
 
@@ -172,7 +182,7 @@ public sealed class FsdpLayer : nn.Module<Tensor, DecoderContext, Tensor>, ITran
             var layer = (FsdpLayer)ctx.get_data("layer");
             int inputs = (int)ctx.get_data("inputs");
             Tensor input;
-            if (layer.Strategy == ShardingStrategy.ShardGradOp)
+            if (!layer.Recomputes)
             {
                 var graph = (KeptGraph)ctx.get_data("graph");
                 graph.Output.backward([gradOutput]);

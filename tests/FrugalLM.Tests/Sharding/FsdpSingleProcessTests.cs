@@ -1,3 +1,4 @@
+using FrugalLM.Checkpointing;
 using FrugalLM.Distributed;
 using FrugalLM.Lora;
 using FrugalLM.Models.Llama;
@@ -25,7 +26,19 @@ public sealed class FsdpSingleProcessTests
     [InlineData(ShardingStrategy.FullShard, PrecisionMode.Bf16)]
     [InlineData(ShardingStrategy.ShardGradOp, PrecisionMode.Bf16)]
     [InlineData(ShardingStrategy.FullShard, PrecisionMode.Fp16)]
-    public void TrainsLikeThePlainTrainer(ShardingStrategy strategy, PrecisionMode precision)
+    public void TrainsLikeThePlainTrainer(ShardingStrategy strategy, PrecisionMode precision) => TrainsLikeThePlainTrainerWith(strategy, precision, checkpointEvery: 0);
+
+    [Theory]
+    [InlineData(ShardingStrategy.ShardGradOp, 1)]
+    [InlineData(ShardingStrategy.ShardGradOp, 2)]
+    [InlineData(ShardingStrategy.FullShard, 1)]
+    public void ActivationCheckpointingBecomesFsdpsRecomputation(ShardingStrategy strategy, int every)
+    {
+        // The same numbers as without checkpointing: recomputation replays the same arithmetic.
+        TrainsLikeThePlainTrainerWith(strategy, PrecisionMode.Fp32, every);
+    }
+
+    private static void TrainsLikeThePlainTrainerWith(ShardingStrategy strategy, PrecisionMode precision, int checkpointEvery)
     {
         var random = new Random(5);
         var corpus = TokenCorpus.FromTokens(Enumerable.Range(0, 40 * 17).Select(_ => random.Next(101)).ToArray(), 16);
@@ -42,6 +55,10 @@ public sealed class FsdpSingleProcessTests
         using var model = new LlamaForCausalLM(TestSupport.TinyConfig());
         model.InitializeWeights(seed: 3);
         using var collectives = new SingleProcessCollectives();
+        if (checkpointEvery > 0)
+        {
+            ActivationCheckpointing.Apply(model, checkpointEvery);
+        }
         using var mixed = MixedPrecision.Apply(model, precision);
         using var sharded = Fsdp.Wrap(model, collectives, strategy, mixed);
         Assert.Empty(mixed.Masters); // handed over: FSDP keeps only its shard
