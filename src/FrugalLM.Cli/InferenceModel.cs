@@ -48,8 +48,9 @@ internal sealed class InferenceModel : IDisposable
     /// <param name="quantization">Base weights' quantization (a folder saved 8-bit is int8 whatever this says).</param>
     /// <param name="offload">--offload (null, none or disk).</param>
     /// <param name="budgetBytes">--memory-budget above the runtime baseline, or null.</param>
+    /// <param name="evaluationChunk">Tokens per chunk of an evaluation's held-out loss (frugal eval), 0 when not evaluating.</param>
     public static InferenceModel Open(string folder, string? adapter, Planning.Precision precision, int batch, Func<HfTokenizer, int> sequence,
-        Planning.Quantization? quantization = null, string? offload = null, long? budgetBytes = null)
+        Planning.Quantization? quantization = null, string? offload = null, long? budgetBytes = null, int evaluationChunk = 0)
     {
         if (precision == Planning.Precision.Bf16Pure)
         {
@@ -76,6 +77,8 @@ internal sealed class InferenceModel : IDisposable
                 MicroBatchSize = batch,
                 SequenceLength = Math.Min(spec.MaxPositionEmbeddings, sequence(tokenizer)),
                 Device = ComputeDevice.Cpu,
+                // Evaluation's held-out loss runs the head chunk by chunk (the estimator's evaluation term).
+                Loss = evaluationChunk > 0 ? new LossComputation(true, evaluationChunk) : LossComputation.Full,
             };
             var report = MemoryReport.Predict(plan);
             if (offload is not null || budgetBytes is not null)

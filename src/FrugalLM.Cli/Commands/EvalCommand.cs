@@ -14,6 +14,9 @@ namespace FrugalLM.Cli.Commands;
 /// </summary>
 internal static class EvalCommand
 {
+    // Tokens per chunk of the held-out loss; the memory estimate of the run reads the same number.
+    private const int LossChunk = 1024;
+
     public static Command Create()
     {
         var model = new Option<string>("--model") { Description = "Hugging Face model folder", Required = true };
@@ -44,13 +47,13 @@ internal static class EvalCommand
             TorchRuntime.Initialize(pr.GetValue(threads));
             int sequence = pr.GetValue(seq);
             using var loaded = InferenceModel.Open(pr.GetValue(model)!, pr.GetValue(adapter), PlanNames.ParsePrecision(pr.GetValue(precision)!),
-                pr.GetValue(batch), _ => sequence, quantize.Read(pr), pr.GetValue(offload.Offload), offload.ReadBudget(pr));
+                pr.GetValue(batch), _ => sequence, quantize.Read(pr), pr.GetValue(offload.Offload), offload.ReadBudget(pr), LossChunk);
             var tokenizer = loaded.Tokenizer;
             int eos = tokenizer.EosTokenIds.Count > 0 ? tokenizer.EosTokenIds[0] : throw new ArgumentException("the tokenizer defines no EOS token");
             var corpus = TrainingData.Load(pr.GetValue(data)!, t => tokenizer.Encode(t, addBos: false), eos, tokenizer.PadTokenId ?? eos, sequence);
             var batches = pr.GetValue(all) ? corpus.AllBatches(pr.GetValue(batch)) : corpus.EvalBatches(pr.GetValue(batch));
             // The head and loss run 1024 tokens at a time: evaluation never holds the whole batch's fp32 logits.
-            var (loss, tokens) = Evaluation.MeanLoss(loaded.Model, batches, 1024, pr.GetValue(maxBatches));
+            var (loss, tokens) = Evaluation.MeanLoss(loaded.Model, batches, LossChunk, pr.GetValue(maxBatches));
             var result = new JsonObject
             {
                 ["model"] = pr.GetValue(model),
