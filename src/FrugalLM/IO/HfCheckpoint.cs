@@ -296,16 +296,7 @@ public sealed class HfCheckpoint : IDisposable
             SafeTensors.Write(Path.Combine(folder, file), names.Select(n => (n, byName[n])).ToList(), dtype: type, keepDtype: buffers);
             written.Add(file);
         }
-        written.AddRange(WriteWeightIndex(folder, plan));
-        generation?.Save(folder);
-        SaveConfig(model, folder, type, extraConfig);
-        foreach (var stale in Directory.EnumerateFiles(folder, "model*.safetensors*"))
-        {
-            if (!written.Contains(Path.GetFileName(stale)))
-            {
-                File.Delete(stale);
-            }
-        }
+        FinishFolder(model, folder, plan, written, type, generation, extraConfig);
     }
 
     /// <summary>
@@ -355,16 +346,7 @@ public sealed class HfCheckpoint : IDisposable
             });
             written.Add(file);
         }
-        written.AddRange(WriteWeightIndex(folder, plan));
-        generation?.Save(folder);
-        SaveConfig(model, folder, type, extraConfig);
-        foreach (var stale in Directory.EnumerateFiles(folder, "model*.safetensors*"))
-        {
-            if (!written.Contains(Path.GetFileName(stale)))
-            {
-                File.Delete(stale);
-            }
-        }
+        FinishFolder(model, folder, plan, written, type, generation, extraConfig);
     }
 
     /// <summary>
@@ -428,6 +410,23 @@ public sealed class HfCheckpoint : IDisposable
             sizes.Add((name, entry.Shape.Aggregate(1L, (a, b) => a * b) * SafeTensors.ElementSize(SafeTensors.FromScalarType(entry.Dtype))!.Value));
         }
         return (type, layout, PlanWeightFiles(sizes, maxShardBytes));
+    }
+
+    // After the weight files: their index, generation_config.json, config.json, and no weight file of an earlier save
+    // that this one did not write (a model saved once in 2 files and now in 1).
+    private static void FinishFolder(CausalLM model, string folder, WeightFilePlan plan, List<string> written, ScalarType type,
+        GenerationConfig? generation, JsonObject? extraConfig)
+    {
+        written.AddRange(WriteWeightIndex(folder, plan));
+        generation?.Save(folder);
+        SaveConfig(model, folder, type, extraConfig);
+        foreach (var stale in Directory.EnumerateFiles(folder, "model*.safetensors*"))
+        {
+            if (!written.Contains(Path.GetFileName(stale)))
+            {
+                File.Delete(stale);
+            }
+        }
     }
 
     /// <summary>Writes the <c>config.json</c> that <see cref="Save"/> writes for weights stored in <paramref name="dtype"/>.</summary>

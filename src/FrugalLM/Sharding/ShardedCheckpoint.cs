@@ -176,17 +176,7 @@ public static class ShardedCheckpoint
             }
         }
         var state = file.Metadata.Where(kv => kv.Key != "format").ToDictionary(kv => kv.Key, kv => JsonNode.Parse(kv.Value), StringComparer.Ordinal);
-        trainer.Optimizer.LoadState(n => file.Tensors.ContainsKey(n) ? file.Load(n) : null, state["optimizer_step"]!.GetValue<long>());
-        using (var rng = file.Load("rng"))
-        {
-            set_rng_state(rng);
-        }
-        if (trainer.Precision.Scaler is { } scaler)
-        {
-            scaler.Restore(state["loss_scale"]!.GetValue<double>(), state["loss_scale_clean_steps"]!.GetValue<int>(), state["loss_scale_skipped"]!.GetValue<long>());
-        }
-        trainer.StepsDone = state["step"]!.GetValue<int>();
-        trainer.DataPosition = (state["data_epoch"]!.GetValue<int>(), state["data_batch"]!.GetValue<int>());
+        TrainingCheckpoint.RestoreRun(trainer, file, n => state[n]!);
         sharded.SyncWeights(); // the root unit stays gathered: refresh it from the loaded shards
     }
 

@@ -95,17 +95,26 @@ public static class TrainingCheckpoint
             }
         }
         trainer.Precision.SyncWeights();
-        trainer.Optimizer.LoadState(n => file.Tensors.ContainsKey(n) ? file.Load(n) : null, state["optimizer_step"]!.GetValue<long>());
+        RestoreRun(trainer, file, n => state[n]!);
+    }
+
+    /// <summary>
+    /// What every checkpoint format restores the same way (this one and the sharded one): the optimizer's moments by
+    /// name from <paramref name="file"/>, the RNG, the loss scaler, the step and the data position.
+    /// </summary>
+    internal static void RestoreRun(Trainer trainer, SafeTensorsFile file, Func<string, JsonNode> state)
+    {
+        trainer.Optimizer.LoadState(n => file.Tensors.ContainsKey(n) ? file.Load(n) : null, state("optimizer_step").GetValue<long>());
         using (var rng = file.Load("rng"))
         {
             set_rng_state(rng);
         }
         if (trainer.Precision.Scaler is { } scaler)
         {
-            scaler.Restore(state["loss_scale"]!.GetValue<double>(), state["loss_scale_clean_steps"]!.GetValue<int>(), state["loss_scale_skipped"]!.GetValue<long>());
+            scaler.Restore(state("loss_scale").GetValue<double>(), state("loss_scale_clean_steps").GetValue<int>(), state("loss_scale_skipped").GetValue<long>());
         }
-        trainer.StepsDone = state["step"]!.GetValue<int>();
-        trainer.DataPosition = (state["data_epoch"]!.GetValue<int>(), state["data_batch"]!.GetValue<int>());
+        trainer.StepsDone = state("step").GetValue<int>();
+        trainer.DataPosition = (state("data_epoch").GetValue<int>(), state("data_batch").GetValue<int>());
     }
 
     private static IEnumerable<string> Complete(string folder) =>
