@@ -24,6 +24,27 @@ internal static class FrugalProcess
     /// <summary>Starts <c>frugal</c> with redirected output (the caller reads or ignores it).</summary>
     public static Process Start(params string[] args) => Start(new Dictionary<string, string>(), args);
 
+    /// <summary>
+    /// Runs <c>frugal</c> until <paramref name="file"/> exists (then kills its whole process tree) or it ends by itself,
+    /// at most 3 minutes: a crash at a chosen point of a run.
+    /// </summary>
+    public static void RunUntilFileExists(string file, params string[] args)
+    {
+        using var process = Start(args);
+        process.BeginOutputReadLine(); // drained, so the child never blocks on a full pipe
+        process.BeginErrorReadLine();
+        var deadline = DateTime.UtcNow.AddMinutes(3);
+        while (!File.Exists(file) && !process.HasExited && DateTime.UtcNow < deadline)
+        {
+            Thread.Sleep(50);
+        }
+        if (!process.HasExited)
+        {
+            process.Kill(entireProcessTree: true);
+        }
+        process.WaitForExit();
+    }
+
     private static Process Start(IReadOnlyDictionary<string, string> environment, string[] args)
     {
         var start = new ProcessStartInfo("dotnet")

@@ -66,22 +66,7 @@ public sealed class TrainResumeCommandTests
         // Kill the second run as soon as its step-3 checkpoint exists (or let it end: either way only the
         // checkpoint is used), then resume.
         var killed = Path.Combine(dir.Path, "killed");
-        using (var process = FrugalProcess.Start(Args(killed)))
-        {
-            process.BeginOutputReadLine(); // drained, so the child never blocks on a full pipe
-            process.BeginErrorReadLine();
-            var checkpoint = Path.Combine(killed, "checkpoints", "step-000003", "state.json");
-            var deadline = DateTime.UtcNow.AddMinutes(3);
-            while (!File.Exists(checkpoint) && !process.HasExited && DateTime.UtcNow < deadline)
-            {
-                Thread.Sleep(50);
-            }
-            if (!process.HasExited)
-            {
-                process.Kill(entireProcessTree: true);
-            }
-            process.WaitForExit();
-        }
+        FrugalProcess.RunUntilFileExists(Path.Combine(killed, "checkpoints", "step-000003", "state.json"), Args(killed));
         File.Delete(Path.Combine(killed, "model.safetensors"));
         var resumed = FrugalProcess.Run([.. Args(killed), "--resume"]);
         Assert.True(resumed.Exit == 0, resumed.Err);

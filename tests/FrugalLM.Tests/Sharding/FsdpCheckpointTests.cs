@@ -46,22 +46,7 @@ public sealed class FsdpCheckpointTests(FsdpLaunchTests.Setup setup) : IClassFix
         // Kill the whole job (launch, mpirun, both ranks) once the step-3 checkpoint is complete, or let it end: either
         // way only the checkpoint is used.
         var killed = Path.Combine(setup.Folder, "resume-killed");
-        using (var process = FrugalProcess.Start(Args(killed)))
-        {
-            process.BeginOutputReadLine();
-            process.BeginErrorReadLine();
-            var index = Path.Combine(killed, "checkpoints", "step-000003", ShardedCheckpoint.IndexFile);
-            var deadline = DateTime.UtcNow.AddMinutes(3);
-            while (!File.Exists(index) && !process.HasExited && DateTime.UtcNow < deadline)
-            {
-                Thread.Sleep(50);
-            }
-            if (!process.HasExited)
-            {
-                process.Kill(entireProcessTree: true);
-            }
-            process.WaitForExit();
-        }
+        FrugalProcess.RunUntilFileExists(Path.Combine(killed, "checkpoints", "step-000003", ShardedCheckpoint.IndexFile), Args(killed));
         File.Delete(Path.Combine(killed, "model.safetensors"));
         var resumed = FrugalProcess.Run([.. Args(killed), "--resume"]);
         Assert.True(resumed.Exit == 0, resumed.Out + resumed.Err);
