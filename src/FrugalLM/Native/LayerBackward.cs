@@ -33,29 +33,10 @@ public static class LayerBackward
     /// (the first layer on a frozen embedding) gets no node: that layer is then reported never.
     /// </summary>
     public static torch.Tensor Mark(torch.Tensor input, torch.nn.Module layer) =>
-        listener is { } current && input.requires_grad && torch.is_grad_enabled() ? Done.apply(input, layer, current) : input;
+        listener is { } current && input.requires_grad && torch.is_grad_enabled() ? BackwardHook.Apply(input, () => current(layer)) : input;
 
     private sealed class Restore(Action<torch.nn.Module>? previous) : IDisposable
     {
         public void Dispose() => listener = previous;
-    }
-
-    private sealed class Done : torch.autograd.SingleTensorFunction<Done>
-    {
-        public override string Name => nameof(LayerBackward);
-
-        public override torch.Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
-        {
-            ctx.save_data("layer", vars[1]);
-            ctx.save_data("listener", vars[2]);
-            return ((torch.Tensor)vars[0]).alias();
-        }
-
-        public override List<torch.Tensor> backward(torch.autograd.AutogradContext ctx, torch.Tensor gradOutput)
-        {
-            AutogradHandles.BeginBackward();
-            ((Action<torch.nn.Module>)ctx.get_data("listener"))((torch.nn.Module)ctx.get_data("layer"));
-            return AutogradHandles.EndBackward(gradOutput, [gradOutput.alias(), null!, null!]);
-        }
     }
 }

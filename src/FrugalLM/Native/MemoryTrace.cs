@@ -38,23 +38,5 @@ public static class MemoryTrace
     /// backward pass shows its resident set and peak between decoder layers.
     /// </summary>
     public static torch.Tensor MarkInBackward(torch.Tensor x, string point) =>
-        Enabled && x.requires_grad && torch.is_grad_enabled() ? BackwardMark.apply(x, point) : x;
-
-    private sealed class BackwardMark : torch.autograd.SingleTensorFunction<BackwardMark>
-    {
-        public override string Name => nameof(BackwardMark);
-
-        public override torch.Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
-        {
-            ctx.save_data("point", vars[1]);
-            return ((torch.Tensor)vars[0]).alias();
-        }
-
-        public override List<torch.Tensor> backward(torch.autograd.AutogradContext ctx, torch.Tensor gradOutput)
-        {
-            AutogradHandles.BeginBackward();
-            Mark((string)ctx.get_data("point"));
-            return AutogradHandles.EndBackward(gradOutput, [gradOutput.alias(), null!]);
-        }
-    }
+        Enabled && x.requires_grad && torch.is_grad_enabled() ? BackwardHook.Apply(x, () => Mark(point)) : x;
 }
