@@ -34,6 +34,7 @@ internal sealed class MemoryReport
         {
             Int8Linear.WarmUp();
         }
+        MemoryTrace.Mark("baseline");
         var measured = plan with { Device = ComputeDevice.Cpu, Overhead = new FrameworkOverhead(0, MemoryProbe.CurrentBytes) };
         return new MemoryReport(measured, MemoryEstimator.Estimate(measured));
     }

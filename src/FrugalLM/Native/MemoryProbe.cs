@@ -42,6 +42,29 @@ public static class MemoryProbe
         }
     }
 
+    /// <summary>
+    /// Bytes of free chunks the C heap holds in its arenas (glibc's <c>mallinfo2</c> <c>fordblks</c>): freed memory
+    /// that stays in the process, resident once touched, until the heap's top is trimmed; 0 where unavailable.
+    /// </summary>
+    public static long NativeHeapFreeBytes
+    {
+        get
+        {
+            if (!OperatingSystem.IsLinux())
+            {
+                return 0;
+            }
+            try
+            {
+                return (long)mallinfo2().Fordblks;
+            }
+            catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException)
+            {
+                return 0;
+            }
+        }
+    }
+
     /// <summary>Resets the peak to the current resident set; returns false where the kernel does not allow it.</summary>
     public static bool ResetPeak()
     {

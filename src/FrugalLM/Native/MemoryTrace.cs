@@ -25,7 +25,7 @@ public static class MemoryTrace
         {
             return;
         }
-        Console.Error.WriteLine($"{Prefix} {point,-9} resident {MemoryProbe.Mib(MemoryProbe.CurrentBytes),12} heap {MemoryProbe.Mib(MemoryProbe.NativeHeapBytes),12} peak {MemoryProbe.Mib(MemoryProbe.PeakBytes),12}");
+        Console.Error.WriteLine($"{Prefix} {point,-9} resident {MemoryProbe.Mib(MemoryProbe.CurrentBytes),12} heap {MemoryProbe.Mib(MemoryProbe.NativeHeapBytes),12} peak {MemoryProbe.Mib(MemoryProbe.PeakBytes),12} heap-free {MemoryProbe.Mib(MemoryProbe.NativeHeapFreeBytes),10} managed {MemoryProbe.Mib(GC.GetGCMemoryInfo().TotalCommittedBytes),10}");
         if (resetPeak)
         {
             MemoryProbe.ResetPeak();

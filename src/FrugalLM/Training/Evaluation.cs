@@ -16,6 +16,7 @@ public static class Evaluation
         var inputs = tensor(batch.Inputs, [batch.Rows, batch.Columns]);
         var labels = tensor(batch.Labels, [batch.Rows, batch.Columns]);
         var hidden = model.Hidden(inputs);
+        Native.MemoryTrace.Mark("hidden");
         if (lossChunk > 0 && model.HeadWeight is Tensor head)
         {
             return CausalLmLoss.Chunked(hidden, head, labels, lossChunk);
