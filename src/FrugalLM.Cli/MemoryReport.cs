@@ -57,11 +57,20 @@ internal sealed class MemoryReport
             }
             return Replan(Plan with { Offload = OffloadPolicy.Optimizer });
         }
+        if (offload is "params" or "all")
+        {
+            if (budgetBytes is not null)
+            {
+                throw new ArgumentException($"--memory-budget chooses between in-memory and disk placements; with --offload {offload} leave it out");
+            }
+            // Generating, nothing steps: all is params.
+            return Replan(Plan with { Offload = training && offload == "all" ? OffloadPolicy.All : OffloadPolicy.Params });
+        }
         if (offload is not (null or "none" or "disk"))
         {
             throw new ArgumentException(training
-                ? $"--offload must be none, disk or optimizer (got '{offload}'); params and all are estimated by frugal estimate but not run: weights streamed from host memory need a GPU to mean anything"
-                : $"--offload must be none or disk (got '{offload}'); optimizer offload applies to training only, and params and all are estimated by frugal estimate but not run");
+                ? $"--offload must be none, optimizer, params, all or disk (got '{offload}')"
+                : $"--offload must be none, params or disk (got '{offload}'); optimizer offload applies to training only");
         }
         bool memory = offload is null or "none", streamed = offload is "disk" || (offload is null && budgetBytes is not null);
         if (budgetBytes is not long budget)
@@ -74,7 +83,7 @@ internal sealed class MemoryReport
 
     // Optimizer offload: what the policy puts on the host tier, which on this CPU run is the same memory as the device's.
     private string HostPlacementLine() => string.Create(CultureInfo.InvariantCulture,
-        $"placement: offload optimizer (ZeRO-Offload: the step runs on the host in vectorized C#); host tier {Mib(Estimate.PlacedBytes(MemoryTier.Host))} predicted: fp32 masters {Mib(Estimate.Bytes("master_weights"))}, optimizer states {Mib(Estimate.Bytes("optimizer_states"))}, gradients {Mib(Estimate.Bytes("gradients") + Estimate.Bytes("gradients_head"))}; device tier peak {Mib(Estimate.DeviceBytes - Plan.Overhead.RuntimeBaselineBytes - (Plan.Device == ComputeDevice.Cpu ? Estimate.PlacedBytes(MemoryTier.Host) : 0))} above the baseline without them (on a CPU run host and device are one memory: the peak below counts both)");
+        $"placement: offload {Plan.Offload.Name} (ZeRO-Offload: the step runs on the host in vectorized C#{(Plan.StreamsFromHost ? "; decoder layers' frozen weights streamed from the host tier through two layer buffers" : "")}); host tier {Mib(Estimate.PlacedBytes(MemoryTier.Host))} predicted: {(Plan.StreamsFromHost ? $"weights {Mib(Estimate.Bytes("weights"))}, " : "")}fp32 masters {Mib(Estimate.Bytes("master_weights"))}, optimizer states {Mib(Estimate.Bytes("optimizer_states"))}, gradients {Mib(Estimate.Bytes("gradients") + Estimate.Bytes("gradients_head"))}; device tier peak {Mib(Estimate.DeviceBytes - Plan.Overhead.RuntimeBaselineBytes - (Plan.Device == ComputeDevice.Cpu ? Estimate.PlacedBytes(MemoryTier.Host) : 0))} above the baseline without them (on a CPU run host and device are one memory: the peak below counts both)");
 
     /// <summary>The host tier's predicted bytes for the host optimizer's own tensors: fp32 masters and optimizer states.</summary>
     public long PredictedHostOptimizerBytes => Estimate.Bytes("master_weights") + Estimate.Bytes("optimizer_states");
@@ -83,7 +92,7 @@ internal sealed class MemoryReport
 
     /// <summary>One line: the placement and its predicted bytes per tier.</summary>
     public string PlacementLine(long? budgetBytes) => Plan.Offload.StepsOnHost ? HostPlacementLine() : string.Create(CultureInfo.InvariantCulture,
-        $"placement: {OffloadPlanner.Describe(Plan)}{(budgetBytes is long b ? $" (budget {Mib(b)} above the baseline)" : "")}; predicted peak {Mib(Estimate.DeviceBytes - Plan.Overhead.RuntimeBaselineBytes)} in memory above the baseline{(Plan.StreamsWeights ? $" ({Mib(Estimate.Bytes("weights"))} resident weights, {Mib(Estimate.Bytes("weight_stream"))} layer buffers, {Mib(Estimate.Bytes("disk_staging"))} staging)" : "")}, {Mib(Estimate.DiskBytes)} on disk streamed per pass");
+        $"placement: {OffloadPlanner.Describe(Plan)}{(budgetBytes is long b ? $" (budget {Mib(b)} above the baseline)" : "")}; predicted peak {Mib(Estimate.DeviceBytes - Plan.Overhead.RuntimeBaselineBytes)} in memory above the baseline{(Plan.StreamsWeights ? $" ({Mib(Estimate.Bytes("weights"))} resident weights, {Mib(Estimate.Bytes("weight_stream"))} layer buffers, {Mib(Estimate.Bytes("disk_staging"))} staging)" : "")}{(Plan.StreamsFromHost ? $" ({Mib(Estimate.PlacedBytes(MemoryTier.Host))} on the host tier, {Mib(Estimate.Bytes("weight_stream"))} device layer buffers: on a CPU run one memory)" : "")}, {Mib(Estimate.DiskBytes)} on disk streamed per pass");
 
     /// <summary>One line: the plan and its predicted peak.</summary>
     public string PredictionLine() => string.Create(CultureInfo.InvariantCulture,

@@ -239,7 +239,7 @@ public static class MemoryEstimator
             list.Add(new("weights", WeightsLabel(plan), weights, offload.Weights, Phases.All,
                 WeightsFormula(plan) + (fullShard ? per + (replicated > 0 ? " (trainable and decoder layers' frozen float weights; "
                     + (plan.Quantization.Kind == QuantizationKind.None ? "the frozen embeddings and head" : "int8 layers and the frozen embeddings and head") + " replicated)"
-                    : frozenSharded ? " (trainable and frozen)" : "") : "")));
+                    : frozenSharded ? " (trainable and frozen)" : "") : "")) { Placed = plan.Offload.Weights });
         }
         var placed = plan.Offload; // before a CPU run lifts host into device
         list.Add(new("master_weights", "fp32 master weights of trainable parameters", t.Sharded(u => u.Masters, ranks),
@@ -283,7 +283,7 @@ public static class MemoryEstimator
         // Activations.
         long layer = ActivationModel.LayerBytes(plan, b, s);
         // Disk offload runs each streamed layer without a graph and recomputes it in backward: checkpointing every layer.
-        int layers = m.NumHiddenLayers, k = plan.StreamsWeights || recomputes || (fsdp && plan.Checkpointing.Enabled) ? 1 : plan.Checkpointing.Interval;
+        int layers = m.NumHiddenLayers, k = plan.StreamsWeights || plan.StreamsFromHost || recomputes || (fsdp && plan.Checkpointing.Enabled) ? 1 : plan.Checkpointing.Interval;
         if (k == 0)
         {
             list.Add(new("activations", "activations kept by every decoder layer", checked(layers * layer), MemoryTier.Device,
@@ -335,10 +335,10 @@ public static class MemoryEstimator
             list.Add(new("fsdp_gathered", "FSDP gathered weights (root, current and prefetched layer)", gathered,
                 MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "trainable weights of embedding + head + 2 x largest layer (its trainable and frozen float weights)"));
         }
-        else if (offload.Weights == MemoryTier.Host)
+        else if (plan.StreamsFromHost)
         {
-            list.Add(new("weight_stream", "device buffers for streamed weights (current and next unit)", 2 * t.Largest(u => u.Weights),
-                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "2 x largest unit"));
+            list.Add(new("weight_stream", "device buffers for weights streamed from the host (current and next decoder layer)", 2 * t.LargestLayer(u => u.Frozen),
+                MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "2 x largest decoder layer's weights (adapters excluded)"));
         }
         if (fsdp || offload.Gradients != MemoryTier.Device)
         {
@@ -358,7 +358,7 @@ public static class MemoryEstimator
             plan.StreamsWeights
                 ? new("weights", WeightsLabel(plan) + " kept in memory: embeddings, head, final norm, resident layers", t.Sum(u => u.Weights) - StreamedFrozen(plan, t),
                     MemoryTier.Device, Phases.All | Phases.Loading, WeightsFormula(plan) + "; streamed layers excluded")
-                : new("weights", WeightsLabel(plan), t.Sum(u => u.Weights), offload.Weights, Phases.All | Phases.Loading, WeightsFormula(plan)),
+                : new("weights", WeightsLabel(plan), t.Sum(u => u.Weights), offload.Weights, Phases.All | Phases.Loading, WeightsFormula(plan)) { Placed = plan.Offload.Weights },
             LoadWorkspace(plan),
             new("kv_cache", "KV cache", ActivationModel.KvCacheBytes(plan, b, s), MemoryTier.Device, Phases.All,
                 $"2 x layers x b x s x kv_heads x head_dim x {plan.ComputeBytes} B"),
@@ -366,10 +366,10 @@ public static class MemoryEstimator
                 ActivationModel.GenerationWorkspaceBytes(plan, b, s), MemoryTier.Device, Phases.All, "widest block of one layer"),
             new("inputs", "token ids (int64)", checked(b * s * 8), MemoryTier.Device, Phases.All, "b x s x 8 B"),
         };
-        if (offload.Weights == MemoryTier.Host)
+        if (plan.StreamsFromHost)
         {
-            list.Add(new("weight_stream", "device buffers for streamed weights (current and next unit)", 2 * t.Largest(u => u.Weights),
-                MemoryTier.Device, Phases.All, "2 x largest unit"));
+            list.Add(new("weight_stream", "device buffers for weights streamed from the host (current and next decoder layer)", 2 * t.LargestLayer(u => u.Frozen),
+                MemoryTier.Device, Phases.All, "2 x largest decoder layer's weights (adapters excluded)"));
         }
         if (plan.Loss.Chunked)
         {

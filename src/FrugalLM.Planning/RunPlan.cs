@@ -96,6 +96,13 @@ public sealed record RunPlan
     /// <summary>Whether decoder layers are streamed from disk (<see cref="OffloadPolicy.Disk"/>).</summary>
     public bool StreamsWeights => EffectiveOffload.Weights == MemoryTier.Disk;
 
+    /// <summary>
+    /// Whether decoder layers' weights live on the host tier and are streamed through two device buffers
+    /// (<see cref="OffloadPolicy.Params"/>, <see cref="OffloadPolicy.All"/>), on any device: on a CPU the buffers are
+    /// still allocated and the layers still recomputed in backward, though host and device are one memory.
+    /// </summary>
+    public bool StreamsFromHost => Offload.Weights == MemoryTier.Host;
+
     /// <summary>The decoder layers streamed from disk (0 unless <see cref="StreamsWeights"/>): all but the resident ones.</summary>
     public int StreamedLayers => StreamsWeights ? Model.NumHiddenLayers - Offload.ResidentLayers : 0;
 

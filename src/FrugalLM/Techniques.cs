@@ -12,7 +12,7 @@ namespace FrugalLM;
 /// <summary>What <see cref="Techniques.Apply"/> set up on a model.</summary>
 /// <param name="Precision">The precision policy the trainer drives.</param>
 /// <param name="Lora">The LoRA adapters, when the plan has them.</param>
-/// <param name="Offload">The streamed decoder layers, when the plan offloads weights to disk.</param>
+/// <param name="Offload">The streamed decoder layers, when the plan offloads weights to disk or to the host tier.</param>
 public sealed record AppliedTechniques(MixedPrecision Precision, LoraModel? Lora, OffloadedModel? Offload = null) : IDisposable
 {
     /// <inheritdoc />
@@ -45,6 +45,14 @@ public static class Techniques
         if (plan.StreamsWeights && weights is null)
         {
             throw new ArgumentException("disk offload streams weights from the model folder: pass the checkpoint", nameof(weights));
+        }
+        if (plan.StreamsFromHost && plan.Trains && plan.Lora is null)
+        {
+            throw new NotSupportedException("params offload streams frozen weights from the host tier: train LoRA adapters on it; streaming trainable weights (ZeRO-3 offload) is not implemented (--fsdp full keeps fp32 shards and gathers each layer, --offload optimizer moves the step to the host)");
+        }
+        if (plan.StreamsFromHost && plan.Sharding.Strategy != ShardingStrategy.None)
+        {
+            throw new NotSupportedException("params offload does not compose with FSDP");
         }
         if (!plan.Trains)
         {
@@ -80,13 +88,14 @@ public static class Techniques
         // After quantization (an int8 head stays int8) and LoRA (adapters follow the compute precision).
         var fp32 = plan.Trains && plan.Fp32NormsAndHead ? Fp32NormsAndHead.Apply(model) : [];
         var precision = MixedPrecision.Apply(model, plan.Precision, plan.GradientAccumulationSteps, fp32Modules: fp32);
-        // Disk offload recomputes every streamed layer in backward itself, so it takes checkpointing's place.
-        if (plan.Trains && plan.Checkpointing.Enabled && !plan.StreamsWeights)
+        // Streaming (from disk or from the host) recomputes every streamed layer in backward itself, so it takes
+        // checkpointing's place.
+        if (plan.Trains && plan.Checkpointing.Enabled && !plan.StreamsWeights && !plan.StreamsFromHost)
         {
             ActivationCheckpointing.Apply(model, plan.Checkpointing.Interval);
         }
-        var offload = plan.StreamsWeights
-            ? DiskOffload.Apply(model, weights!, new DiskOffloadOptions { ResidentLayers = plan.Offload.ResidentLayers })
+        var offload = plan.StreamsWeights ? DiskOffload.Apply(model, weights!, new DiskOffloadOptions { ResidentLayers = plan.Offload.ResidentLayers })
+            : plan.StreamsFromHost ? HostOffload.Apply(model)
             : null;
         return new AppliedTechniques(precision, lora, offload);
     }

@@ -173,11 +173,18 @@ internal static class TrainCommand
                 {
                     throw new ArgumentException("--offload disk streams a frozen base from its folder: train LoRA adapters on it (--model and --lora-r)");
                 }
-                if (pr.GetValue(offloadOptions.Offload) == "optimizer" && (strategy != ShardingStrategy.None || plan.Precision == Precision.Bf16Pure))
+                string? requested = pr.GetValue(offloadOptions.Offload);
+                if (requested is "optimizer" or "all" && (strategy != ShardingStrategy.None || plan.Precision == Precision.Bf16Pure))
                 {
                     throw new ArgumentException(strategy != ShardingStrategy.None
-                        ? "--offload optimizer does not compose with --fsdp (each rank would step its shard on the host: not implemented)"
-                        : "--offload optimizer steps fp32 masters: --precision bf16-pure has none (use bf16)");
+                        ? $"--offload {requested} does not compose with --fsdp (each rank would step its shard on the host: not implemented)"
+                        : $"--offload {requested} steps fp32 masters: --precision bf16-pure has none (use bf16)");
+                }
+                if (requested is "params" or "all" && (plan.Lora is null || strategy != ShardingStrategy.None))
+                {
+                    throw new ArgumentException(strategy != ShardingStrategy.None
+                        ? $"--offload {requested} does not compose with --fsdp"
+                        : $"--offload {requested} streams frozen weights from the host tier: train LoRA adapters on them (--lora-r); streaming trainable weights (ZeRO-3 offload) is not implemented: --offload optimizer moves the step to the host, --fsdp full gathers fp32 shards layer by layer");
                 }
                 report = report.Place(pr.GetValue(offloadOptions.Offload), budget,
                     checkpoint is null || plan.Lora is null ? OffloadPolicy.None : Offload.DiskOffload.Policy(checkpoint), training: true);

@@ -72,11 +72,18 @@ public static partial class DiskOffload
         {
             images.Add(LayerImage.Build(Path(model, i), layers[i], source));
         }
-        var streamer = new LayerStreamer(images, options.ReadAhead);
-        for (int i = options.ResidentLayers; i < layers.Count; i++)
+        return Stream(model, images, options.ResidentLayers, options.ReadAhead);
+    }
+
+    // Replaces decoder layers first.. with OffloadedLayers over one streamer of their images, and points their streamed
+    // tensors away from their memory (what the images read from stays: the files, or the host tier's storage).
+    internal static OffloadedModel Stream(CausalLM model, List<LayerImage> images, int first, bool readAhead)
+    {
+        var layers = model.DecoderLayers;
+        var streamer = new LayerStreamer(images, readAhead);
+        for (int i = first; i < layers.Count; i++)
         {
-            var layer = layers[i];
-            ModuleTree.Replace(model, Path(model, i), new OffloadedLayer(layer, streamer, i - options.ResidentLayers));
+            ModuleTree.Replace(model, Path(model, i), new OffloadedLayer(layers[i], streamer, i - first));
         }
         foreach (var image in images)
         {
@@ -85,7 +92,7 @@ public static partial class DiskOffload
         return new OffloadedModel(streamer, images);
     }
 
-    private static string Path(CausalLM model, int layer) => string.Create(CultureInfo.InvariantCulture, $"{model.DecoderLayersPath}.{layer}");
+    internal static string Path(CausalLM model, int layer) => string.Create(CultureInfo.InvariantCulture, $"{model.DecoderLayersPath}.{layer}");
 
     [GeneratedRegex(@"(?:^|\.)layers\.(\d+)\.")]
     private static partial Regex LayerKey();
@@ -103,6 +110,9 @@ public sealed class OffloadedModel : IDisposable
         this.images = images;
     }
 
+    /// <summary>Whether the layers stream from the host tier (params offload) rather than from files.</summary>
+    public bool FromHost => images.SelectMany(i => i.Entries).Any(e => e.Host is not null);
+
     /// <summary>Decoder layers streamed.</summary>
     public int StreamedLayers => images.Count;
 
@@ -116,5 +126,12 @@ public sealed class OffloadedModel : IDisposable
     public OffloadStats Stats => streamer.Stats;
 
     /// <inheritdoc />
-    public void Dispose() => streamer.Dispose();
+    public void Dispose()
+    {
+        streamer.Dispose();
+        foreach (var entry in images.SelectMany(i => i.Entries))
+        {
+            entry.Host?.Dispose(); // the host tier's storage (params offload)
+        }
+    }
 }

@@ -15,24 +15,31 @@ internal enum ReadKind
 
     /// <summary>A float weight on disk for an int8 layer: read in fp32 and quantized row-wise into weight and SCB.</summary>
     Quantize,
+
+    /// <summary>Held on the host tier (<see cref="StreamEntry.Host"/>): copied into the buffer as it is.</summary>
+    Host,
 }
 
-/// <summary>One tensor of a streamed layer: where it is in memory (the module's tensor) and on disk.</summary>
+/// <summary>One tensor of a streamed layer: where it is in memory (the module's tensor) and where it is read from (a file, or the host tier).</summary>
 /// <param name="Name">Name relative to the layer, as the module tree has it (the buffer key of a slot).</param>
 /// <param name="Target">The module's parameter or buffer, pointed at a slot buffer while the layer runs.</param>
 /// <param name="Shape">Shape in memory (and on disk).</param>
 /// <param name="Dtype">Dtype in memory.</param>
-/// <param name="File">The safetensors file holding it.</param>
-/// <param name="Info">Its header entry.</param>
+/// <param name="File">The safetensors file holding it (null on the host tier).</param>
+/// <param name="Info">Its header entry (null on the host tier).</param>
 /// <param name="Kind">How it is read.</param>
 /// <param name="Scale">For <see cref="ReadKind.Quantize"/>: the layer's SCB buffer (fp32 [out]).</param>
-internal sealed record StreamEntry(string Name, Tensor Target, long[] Shape, ScalarType Dtype, SafeTensorsFile File, SafeTensorInfo Info, ReadKind Kind, Tensor? Scale)
+internal sealed record StreamEntry(string Name, Tensor Target, long[] Shape, ScalarType Dtype, SafeTensorsFile? File, SafeTensorInfo? Info, ReadKind Kind, Tensor? Scale)
 {
+    /// <summary>For <see cref="ReadKind.Host"/>: the tensor's own storage, kept on the host tier while the module's tensor
+    /// points at a layer buffer or at nothing.</summary>
+    public Tensor? Host { get; init; }
+
     /// <summary>Bytes of the tensor in memory (with its SCB when quantized).</summary>
     public long MemoryBytes => Shape.Aggregate(1L, (a, b) => a * b) * Target.element_size() + (Scale is null ? 0 : Shape[0] * 4);
 
-    /// <summary>Bytes read from the file.</summary>
-    public long StoredBytes => Info.End - Info.Begin;
+    /// <summary>Bytes read from the file, or copied from the host tier.</summary>
+    public long StoredBytes => Info is null ? MemoryBytes : Info.End - Info.Begin;
 
     /// <summary>The slot key of the SCB buffer of a quantized weight.</summary>
     public string ScaleName => Name + "#SCB";
@@ -103,6 +110,28 @@ internal sealed class LayerImage
                 : IsFloat(stored) && tensor.is_floating_point() ? ReadKind.Convert
                 : throw new CheckpointFormatException(file.Path, $"tensor '{info.Name}' is {info.Dtype} but the model holds it as {tensor.dtype}");
             entries.Add(new StreamEntry(name, tensor, tensor.shape, tensor.dtype, file, info, kind, null));
+        }
+        return new LayerImage(path, entries);
+    }
+
+    /// <summary>
+    /// The frozen tensors of <paramref name="layer"/> (parameters and persistent buffers, scalars excepted) as a host-tier
+    /// image: each keeps its current storage on the host and is copied into a layer buffer when the layer runs.
+    /// Trainable tensors (LoRA adapters) stay where they are.
+    /// </summary>
+    public static LayerImage FromHost(string path, nn.Module layer)
+    {
+        var tensors = layer.named_parameters().Select(p => (p.name, (Tensor)p.parameter))
+            .Concat(layer.named_buffers(include_nonpersistent: false).Select(b => (b.name, b.buffer)));
+        var entries = new List<StreamEntry>();
+        foreach (var (name, tensor) in tensors)
+        {
+            if (tensor.ndim == 0 || tensor.requires_grad)
+            {
+                continue;
+            }
+            // A second handle on the same storage: it keeps the weights when Detach points the module's tensor elsewhere.
+            entries.Add(new StreamEntry(name, tensor, tensor.shape, tensor.dtype, null, null, ReadKind.Host, null) { Host = tensor.detach().DetachFromDisposeScope() });
         }
         return new LayerImage(path, entries);
     }

@@ -22,7 +22,7 @@ internal enum StreamDirection
 }
 
 /// <summary>
-/// Streams decoder layers from their safetensors files through <see cref="DiskOffloadLayout.Slots"/> reusable buffers:
+/// Streams decoder layers from their safetensors files (or, for params offload, from their storage on the host tier) through <see cref="DiskOffloadLayout.Slots"/> reusable buffers:
 /// <see cref="Acquire"/> makes a layer's tensors point at a filled buffer (waiting for, or doing, its read) and starts
 /// reading the layer expected next into the other buffer on a background thread, which overlaps the read with this
 /// layer's compute. Reads use <c>pread</c> on the files, not the memory map: mapped pages would count in the resident set
@@ -45,7 +45,7 @@ internal sealed unsafe class LayerStreamer : IDisposable
     {
         this.layers = layers;
         this.readAhead = readAhead;
-        foreach (var path in layers.SelectMany(l => l.Entries).Select(e => e.File.Path).Distinct())
+        foreach (var path in layers.SelectMany(l => l.Entries).Where(e => e.File is not null).Select(e => e.File!.Path).Distinct())
         {
             handles[path] = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read, FileOptions.RandomAccess);
         }
@@ -154,11 +154,15 @@ internal sealed unsafe class LayerStreamer : IDisposable
                 case ReadKind.Convert:
                     ReadConverting(entry, buffer);
                     break;
+                case ReadKind.Host:
+                    // On a GPU this is the host-to-device copy; on the CPU, a copy within one memory.
+                    buffer.copy_(entry.Host!);
+                    break;
                 default:
                     // The float weight whole in fp32 (as loading a float checkpoint into int8 does), then quantized.
                     using (var wide = empty(entry.Shape, ScalarType.Float32))
                     {
-                        if (entry.Info.Dtype == "F32")
+                        if (entry.Info!.Dtype == "F32")
                         {
                             Read(entry, 0, TensorMemory.Pointer(wide), entry.StoredBytes);
                         }
@@ -180,7 +184,8 @@ internal sealed unsafe class LayerStreamer : IDisposable
     // Whole rows at a time through one staging slice of the stored dtype (WeightLoadLayout.SliceBytes).
     private void ReadConverting(StreamEntry entry, Tensor destination)
     {
-        var stored = SafeTensors.ToScalarType(entry.Info.Dtype);
+        var info = entry.Info!;
+        var stored = SafeTensors.ToScalarType(info.Dtype);
         long bytes = entry.StoredBytes;
         if (bytes == 0)
         {
@@ -189,7 +194,7 @@ internal sealed unsafe class LayerStreamer : IDisposable
         long rows = entry.Shape.Length == 0 ? 1 : entry.Shape[0];
         long rowBytes = bytes / rows;
         long perSlice = Math.Clamp(WeightLoadLayout.SliceBytes / rowBytes, 1, rows);
-        long elementSize = bytes / Math.Max(1, entry.Info.ElementCount);
+        long elementSize = bytes / Math.Max(1, info.ElementCount);
         var buffer = Staging(stored, perSlice * rowBytes / elementSize);
         byte* pointer = TensorMemory.Pointer(buffer);
         for (long row = 0; row < rows; row += perSlice)
@@ -223,15 +228,16 @@ internal sealed unsafe class LayerStreamer : IDisposable
 
     private void Read(StreamEntry entry, long offset, byte* destination, long length)
     {
-        var handle = handles[entry.File.Path];
-        long position = entry.File.DataStart + entry.Info.Begin + offset;
+        var (file, info) = (entry.File!, entry.Info!);
+        var handle = handles[file.Path];
+        long position = file.DataStart + info.Begin + offset;
         while (length > 0)
         {
             int chunk = (int)Math.Min(length, 1L << 30);
             int read = RandomAccess.Read(handle, new Span<byte>(destination, chunk), position);
             if (read <= 0)
             {
-                throw new CheckpointFormatException(entry.File.Path, $"tensor '{entry.Info.Name}': the file ended while reading it (changed since it was opened?)");
+                throw new CheckpointFormatException(file.Path, $"tensor '{info.Name}': the file ended while reading it (changed since it was opened?)");
             }
             destination += read;
             position += read;

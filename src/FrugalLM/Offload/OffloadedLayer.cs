@@ -8,7 +8,7 @@ using static TorchSharp.torch;
 namespace FrugalLM.Offload;
 
 /// <summary>
-/// Stands where a decoder layer stood and streams its frozen weights from disk around each use; the wrapped layer's
+/// Stands where a decoder layer stood and streams its frozen weights (from disk, or from the host tier) around each use; the wrapped layer's
 /// children are registered as this module's own, so parameter names keep their HF keys.
 /// </summary>
 /// <remarks>
@@ -102,7 +102,9 @@ public sealed class OffloadedLayer : nn.Module<Tensor, DecoderContext, Tensor>, 
             Tensor input;
             try
             {
-                input = ActivationCheckpointing.RecomputeBackward(ctx, saved, gradOutput, layer.inner.forward);
+                // Marked where the layer really runs with a graph, so the host optimizer (--offload all) steps its adapters
+                // as soon as backward is through it, as in a checkpointed segment.
+                input = ActivationCheckpointing.RecomputeBackward(ctx, saved, gradOutput, (h, c) => layer.inner.forward(LayerBackward.Mark(h, layer.inner), c));
             }
             finally
             {

@@ -1,6 +1,6 @@
 namespace FrugalLM.Tests.Cli;
 
-/// <summary><c>--offload disk</c> and <c>--memory-budget</c> through the command line, on the bundled model.</summary>
+/// <summary><c>--offload disk|params|all</c> and <c>--memory-budget</c> through the command line, on the bundled model.</summary>
 public sealed class OffloadCommandTests
 {
     private static readonly string[] Greedy = ["generate", "--model", FrugalProcess.BundledModel, "--prompt", "And God said", "--max-new-tokens", "20", "--temperature", "0"];
@@ -26,5 +26,29 @@ public sealed class OffloadCommandTests
         Assert.Equal(3, tiny.Exit);
         Assert.Contains("nothing fits the memory budget of 1.0 MiB", tiny.Err);
         Assert.Equal("", tiny.Out);
+    }
+
+    [Fact]
+    public void ParamsOffloadGivesTheInMemoryTokensAndRefusesFullTrainingAndABudget()
+    {
+        var memory = FrugalProcess.Run(Greedy);
+        var host = FrugalProcess.Run([.. Greedy, "--offload", "params"]);
+        Assert.Equal(0, host.Exit);
+        Assert.Equal(memory.Out, host.Out);
+        Assert.Contains("placement: offload params", host.Err);
+        Assert.Matches(@"MiB on the host tier, [0-9.]+ MiB device layer buffers", host.Err);
+        Assert.Contains("layer copies from the host tier", host.Err);
+
+        var budget = FrugalProcess.Run([.. Greedy, "--offload", "params", "--memory-budget", "1GiB"]);
+        Assert.Equal(2, budget.Exit);
+        Assert.Contains("with --offload params leave it out", budget.Err);
+
+        using var dir = TestSupport.TempDir();
+        var data = Path.Combine(dir.Path, "data.txt");
+        File.WriteAllText(data, string.Concat(Enumerable.Repeat("In the beginning God created the heaven and the earth. ", 40)));
+        var full = FrugalProcess.Run("train", "--model", FrugalProcess.BundledModel, "--data", data,
+            "--out", Path.Combine(dir.Path, "out"), "--steps", "1", "--batch", "1", "--seq", "16", "--offload", "all");
+        Assert.Equal(2, full.Exit);
+        Assert.Contains("train LoRA adapters on them (--lora-r)", full.Err);
     }
 }

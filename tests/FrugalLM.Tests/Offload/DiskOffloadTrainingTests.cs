@@ -25,14 +25,8 @@ public sealed class DiskOffloadTrainingTests
     public void LoraOnAStreamedBaseTrainsLikeInMemory(QuantizationKind quantization)
     {
         using var dir = TestSupport.TempDir();
-        using (var source = new LlamaForCausalLM(TestSupport.TinyConfig() with { NumHiddenLayers = 3 }))
-        {
-            source.InitializeWeights(Random.Shared.NextInt64(1, 1 << 30), std: 0.1);
-            HfCheckpoint.Save(source, dir.Path, ScalarType.BFloat16);
-        }
-        var random = new Random(Random.Shared.Next());
-        var corpus = TokenCorpus.FromTokens(Enumerable.Range(0, 40 * 17).Select(_ => random.Next(101)).ToArray(), 16);
-        var options = new TrainOptions { Steps = 5, MicroBatch = 2, LearningRate = 1e-2, GradClip = 1.0, LogEvery = 1, Seed = 3 };
+        StreamedBase.SaveRandom(dir.Path, ScalarType.BFloat16);
+        var (corpus, options) = (StreamedBase.RandomCorpus(), StreamedBase.Options);
         using var checkpoint = HfCheckpoint.Open(dir.Path);
         var plan = new RunPlan
         {
@@ -78,5 +72,25 @@ public sealed class DiskOffloadTrainingTests
         var adapters = model.named_parameters().Where(p => p.name.Contains("lora_", StringComparison.Ordinal))
             .ToDictionary(p => p.name, p => p.parameter.detach().clone());
         return (losses, adapters);
+    }
+}
+
+/// <summary>The fixtures of the streamed-base tests (disk and params offload): a random 3-layer tiny LLaMA folder, and a
+/// random corpus and short training run for LoRA on it.</summary>
+internal static class StreamedBase
+{
+    public static TrainOptions Options { get; } = new() { Steps = 5, MicroBatch = 2, LearningRate = 1e-2, GradClip = 1.0, LogEvery = 1, Seed = 3 };
+
+    public static void SaveRandom(string folder, ScalarType stored)
+    {
+        using var source = new LlamaForCausalLM(TestSupport.TinyConfig() with { NumHiddenLayers = 3 });
+        source.InitializeWeights(Random.Shared.NextInt64(1, 1 << 30), std: 0.1);
+        HfCheckpoint.Save(source, folder, stored);
+    }
+
+    public static TokenCorpus RandomCorpus()
+    {
+        var random = new Random(Random.Shared.Next());
+        return TokenCorpus.FromTokens(Enumerable.Range(0, 40 * 17).Select(_ => random.Next(101)).ToArray(), 16);
     }
 }
