@@ -11,7 +11,7 @@ namespace FrugalLM.Native;
 public static class TorchRuntime
 {
     private const int MallocMmapThreshold = -3; // M_MMAP_THRESHOLD in glibc's malloc.h
-    private const int MmapThresholdBytes = 256 << 10;
+    private const int MmapThresholdBytes = 128 << 10;
     private static readonly Lock Gate = new();
     private static bool initialized;
 
@@ -31,7 +31,11 @@ public static class TorchRuntime
                 // over 60 steps). Allocations of 256 KiB and more become private mmaps, unmapped on free. At 1 MiB, the
                 // activations of small batches (one 256-token sequence of a 768-wide model: 768 KiB a tensor) stayed in
                 // the heap, whose freed holes stay resident: llama-100m at 1 x 256 peaked 190-260 MiB higher (fp32,
-                // 2526/2583 against 2340/2321 MiB; LoRA 1112 against 985), at no measured cost in speed.
+                // 2526/2583 against 2340/2321 MiB; LoRA 1112 against 985), at no measured cost in speed. At 256 KiB the
+                // 192 KiB activations of a 64-token step of a 1536-wide bf16 model stayed in the heap, and libtorch's
+                // 64-byte-aligned requests could not reuse their freed chunks (101 free chunks of 181-197 KiB, 19 MiB, after
+                // one disk-offloaded forward; glibc's malloc_info): 128 KiB keeps 2.5-8 MiB free instead of 22-29.
+                // Requests below it (a decoding step's tensors) stay in the heap, where they are cheap.
                 // An explicit MALLOC_MMAP_THRESHOLD_ from the user wins (glibc has already applied it).
                 if (OperatingSystem.IsLinux() && Environment.GetEnvironmentVariable("MALLOC_MMAP_THRESHOLD_") is null)
                 {
