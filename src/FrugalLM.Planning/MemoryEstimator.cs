@@ -340,10 +340,19 @@ public static class MemoryEstimator
             list.Add(new("weight_stream", "device buffers for weights streamed from the host (current and next decoder layer)", 2 * t.LargestLayer(u => u.Frozen),
                 MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "2 x largest decoder layer's weights (adapters excluded)"));
         }
-        if (fsdp || offload.Gradients != MemoryTier.Device)
+        if (fsdp)
         {
-            list.Add(new("gradient_buffer", fsdp ? "unsharded gradients before reduce-scatter (one unit)" : "gradients of one unit before transfer",
-                t.Largest(u => u.Gradients), MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "largest unit's gradients"));
+            // A decoder layer's full gradients live from its backward to its reduce-scatter. The root unit's (embeddings,
+            // head) are gradients_head and fsdp_root_gradients above: counting the root here too counted them twice, and at
+            // the loss's backward no layer has gradients yet (bundled model, FULL_SHARD at one rank: predicted 977 against
+            // 868 MiB measured, the root's 49 MiB twice).
+            list.Add(new("gradient_buffer", "unsharded gradients of one decoder layer before reduce-scatter", t.LargestLayer(u => u.Gradients),
+                MemoryTier.Device, Phases.BackwardEnd, "largest decoder layer's gradients"));
+        }
+        else if (offload.Gradients != MemoryTier.Device)
+        {
+            list.Add(new("gradient_buffer", "gradients of one unit before transfer", t.Largest(u => u.Gradients), MemoryTier.Device,
+                Phases.ForwardEnd | Phases.BackwardEnd, "largest unit's gradients"));
         }
         list.AddRange(DiskStaging(plan, t));
         return list;

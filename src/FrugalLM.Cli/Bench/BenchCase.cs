@@ -44,6 +44,16 @@ internal sealed record BenchCase
     /// <summary>Loss chunk in tokens (0: full fp32 logits, as transformers and the peer).</summary>
     public int LossChunk { get; init; }
 
+    /// <summary>none, optimizer (the step on the host in C#), params (a LoRA base's layers copied from the host tier), all,
+    /// or disk (a LoRA base's layers read from the weights folder).</summary>
+    public string Offload { get; init; } = "none";
+
+    /// <summary>FSDP strategy: none, full or grad-op.</summary>
+    public string Fsdp { get; init; } = "none";
+
+    /// <summary>Processes under FSDP (launched through <c>frugal launch</c> above one); memory and speed are rank 0's.</summary>
+    public int Ranks { get; init; } = 1;
+
     /// <summary>Sequences per step.</summary>
     public int Batch { get; init; } = 4;
 
@@ -99,15 +109,35 @@ internal sealed record BenchCase
             {
                 parts.Add("generate");
             }
+            if (Offload != "none")
+            {
+                parts.Add($"offload {Offload}");
+            }
+            if (Fsdp != "none")
+            {
+                parts.Add(string.Create(CultureInfo.InvariantCulture, $"FSDP {Fsdp} x{Ranks} (per rank)"));
+            }
             return string.Join(", ", parts);
         }
     }
 
     /// <summary>True when the PyTorch peer (tools/peer_bench.py) runs the same configuration.</summary>
     [JsonIgnore]
-    public bool PeerHas => Mode == "train"
+    public bool PeerHas => Offload == "none" && Fsdp == "none" && (Mode == "train"
         ? Precision is "fp32" or "bf16" && Quantize == "none" && Optimizer == "adamw" && LossChunk == 0
-        : Precision is "fp32" or "bf16" && Quantize is "none" or "int8";
+        : Precision is "fp32" or "bf16" && Quantize is "none" or "int8");
+
+    /// <summary>The plan this case runs, with <paramref name="disk"/> as its policy when it offloads to disk.</summary>
+    public RunPlan Plan(ModelSpec spec, OffloadPolicy disk) => Plan(spec) with
+    {
+        Offload = Offload switch
+        {
+            "disk" => disk,
+            "none" => OffloadPolicy.None,
+            _ => PlanNames.ParseOffload(Offload),
+        },
+        Sharding = Fsdp == "none" ? Planning.Sharding.None : new Planning.Sharding(PlanNames.ParseStrategy(Fsdp), Ranks),
+    };
 
     /// <summary>The plan this case runs (the estimator reads it; the child runs it).</summary>
     public RunPlan Plan(ModelSpec spec) => new()

@@ -1,9 +1,11 @@
 using System.Diagnostics;
+using FrugalLM.Distributed;
 using FrugalLM.Inference;
 using FrugalLM.IO;
 using FrugalLM.Native;
 using FrugalLM.Planning;
 using FrugalLM.Quantization;
+using FrugalLM.Sharding;
 using FrugalLM.Training;
 using static TorchSharp.torch;
 
@@ -22,7 +24,7 @@ internal static class BenchChild
     {
         TorchRuntime.Initialize(c.Threads);
         using var checkpoint = HfCheckpoint.Open(c.Weights);
-        var plan = c.Plan(checkpoint.Spec(c.Model));
+        var plan = c.Plan(checkpoint.Spec(c.Model), Offload.DiskOffload.Policy(checkpoint));
         plan.Validate();
         return c.Mode == "train" ? Train(c, checkpoint, plan) : Generate(c, checkpoint, plan);
     }
@@ -45,8 +47,16 @@ internal static class BenchChild
         var report = MemoryReport.Predict(plan);
         long baseline = report.Plan.Overhead.RuntimeBaselineBytes;
         MemoryProbe.ResetPeak();
-        using var model = checkpoint.CreateModel(quantize: Int8(plan));
-        using var applied = Techniques.Apply(model, plan, c.Seed);
+        // A streamed base is created in its compute dtype with the streamed layers never loaded, as frugal train does.
+        using var model = checkpoint.CreateModel(plan.StreamsWeights ? InferenceModel.WeightDtype(plan.Precision) : ScalarType.Float32, Int8(plan), Streamed(plan));
+        using var applied = Techniques.Apply(model, plan, c.Seed, weights: checkpoint);
+        // FSDP last, as frugal train wraps it; every rank runs the same batches (the measure is one rank's memory and speed).
+        using var collectives = plan.Sharding.Strategy == ShardingStrategy.None ? null : Collectives.Create();
+        if (collectives is not null && collectives.WorldSize != c.Ranks)
+        {
+            throw new InvalidOperationException($"the case asks for {c.Ranks} ranks but runs on {collectives.WorldSize}");
+        }
+        using var sharded = collectives is null ? null : Fsdp.Wrap(model, collectives, plan.Sharding.Strategy, applied.Precision);
         var trainer = new Trainer(model, corpus, new TrainOptions
         {
             Steps = steps,
@@ -57,7 +67,8 @@ internal static class BenchChild
             WeightDecay = 0.1,
             GradClip = 1.0,
             Seed = c.Seed,
-        }, applied.Precision);
+            OptimizerOnHost = plan.Offload.StepsOnHost,
+        }, applied.Precision, sharded);
         model.train();
         var seconds = new List<double>();
         var losses = new List<double>();
@@ -99,9 +110,9 @@ internal static class BenchChild
         long baseline = report.Plan.Overhead.RuntimeBaselineBytes;
         MemoryProbe.ResetPeak();
         MemoryTrace.Mark("baseline", resetPeak: false);
-        using var model = checkpoint.CreateModel(InferenceModel.WeightDtype(plan.Precision), Int8(plan));
+        using var model = checkpoint.CreateModel(InferenceModel.WeightDtype(plan.Precision), Int8(plan), Streamed(plan));
         MemoryTrace.Mark("loaded", resetPeak: false);
-        using var applied = Techniques.Apply(model, plan);
+        using var applied = Techniques.Apply(model, plan, weights: checkpoint);
         MemoryTrace.Mark("applied", resetPeak: false);
         model.eval();
         // Greedy, never stopping early: every generation has exactly NewTokens tokens, as the peer's.
@@ -147,6 +158,8 @@ internal static class BenchChild
         };
         return (measurement, report.Estimate);
     }
+
+    private static Func<string, bool>? Streamed(RunPlan plan) => plan.StreamsWeights ? Offload.DiskOffload.Streamed(plan.Offload.ResidentLayers) : null;
 
     private static Int8Options? Int8(RunPlan plan) => plan.Quantization.Kind == QuantizationKind.Int8
         ? new Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }

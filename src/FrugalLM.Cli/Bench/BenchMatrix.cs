@@ -36,6 +36,7 @@ internal static class BenchMatrix
                     train with { Checkpointing = true },
                     train with { LoraRank = 16 },
                     train with { Quantize = "int8", LoraRank = 16, Checkpointing = true },
+                    train with { LoraRank = 16, Offload = "disk" },
                     generate,
                     generate with { Quantize = "int8" },
                 ]);
@@ -57,12 +58,26 @@ internal static class BenchMatrix
                 train with { Precision = "bf16", LoraRank = 16, Checkpointing = true },
                 // The article's flow: a frozen int8 base, LoRA on q_proj and v_proj, checkpointing.
                 train with { Quantize = "int8", LoraRank = 16, Checkpointing = true },
+                // Offload: the optimizer step on the host (C# kernel; clipping keeps it after backward), a LoRA base copied
+                // from the host tier (with and without the optimizer there), and a LoRA base read from the weights folder.
+                train with { Offload = "optimizer" },
+                train with { LoraRank = 16, Offload = "params" },
+                train with { LoraRank = 16, Offload = "all" },
+                train with { LoraRank = 16, Offload = "disk" },
+                // FSDP (per-rank memory and speed; ranks share the cores): one rank, and two and four over OpenMPI.
+                train with { Fsdp = "full", Ranks = 1 },
+                train with { Fsdp = "full", Ranks = 2, Threads = Math.Max(1, threads / 2) },
+                train with { Fsdp = "grad-op", Ranks = 2, Threads = Math.Max(1, threads / 2) },
+                train with { Fsdp = "full", Ranks = 4, Threads = Math.Max(1, threads / 4) },
+                train with { Fsdp = "full", Ranks = 2, LoraRank = 16, Threads = Math.Max(1, threads / 2) },
                 generate,
                 generate with { Precision = "bf16" },
                 generate with { Precision = "fp16" },
                 generate with { Quantize = "int8" },
                 // transformers' load_in_8bit default: the layers int8, everything else (embedding, norms, head) 16-bit.
                 generate with { Quantize = "int8", Precision = "bf16" },
+                generate with { Offload = "params" },
+                generate with { Offload = "disk" },
             ]);
         }
         return cases;

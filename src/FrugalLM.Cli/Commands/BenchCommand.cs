@@ -124,7 +124,11 @@ internal static class BenchCommand
                     estimate.Components.Where(k => k.Tier == MemoryTier.Device && k.Key != "runtime_baseline")
                         .GroupBy(k => k.Key).ToDictionary(g => g.Key, g => g.Sum(k => k.Bytes)), Json),
             };
-            Console.Out.WriteLine(line.ToJsonString());
+            // Under mpirun only rank 0 answers: the parent reads the last JSON line, and ranks are alike.
+            if (Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_RANK") is null or "0")
+            {
+                Console.Out.WriteLine(line.ToJsonString());
+            }
             return ExitCodes.Ok;
         }));
         return command;
@@ -146,7 +150,9 @@ internal static class BenchCommand
             {
                 if (mine)
                 {
-                    var (json, problem) = ChildProcess.RunJson(OwnCommand(), ["bench-case", "--case", JsonSerializer.Serialize(c, Json)], log);
+                    // Several ranks run as one job of frugal launch (mpirun), each a bench-case child.
+                    string[] child = ["bench-case", "--case", JsonSerializer.Serialize(c, Json)];
+                    var (json, problem) = ChildProcess.RunJson(OwnCommand(), c.Ranks > 1 ? ["launch", "-n", c.Ranks.ToString(CultureInfo.InvariantCulture), "--", .. child] : child, log);
                     if (json is null)
                     {
                         error = problem;
@@ -300,6 +306,9 @@ internal static class ChildProcess
             RedirectStandardError = true,
             UseShellExecute = false,
         };
+        // With TERM set, ranks under mpirun prefix their output with terminal escapes (ESC[?1h ESC=) and the JSON line
+        // would not start with '{'.
+        start.Environment.Remove("TERM");
         foreach (var a in command.Prefix.Concat(arguments))
         {
             start.ArgumentList.Add(a);
