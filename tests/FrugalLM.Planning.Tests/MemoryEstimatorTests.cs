@@ -299,15 +299,18 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(17_312 - 3_232, full.Bytes("gradients"));
         // Gathered: embedding + head (the root stays gathered) + current and prefetched layer.
         Assert.Equal(6_400 + 6_464 + 2 * 10_880, full.Bytes("fsdp_gathered"));
-        // Unsharded gradients of the largest unit before reduce-scatter.
+        // Unsharded gradients of one decoder layer before reduce-scatter (the root's are gradients_head and the rest).
         Assert.Equal(10_880, full.Bytes("gradient_buffer"));
         // The step walks flat shards: the largest unit (a layer, 2720 parameters) over 2 ranks x 8 B.
         Assert.Equal(1_360 * 8, full.Bytes("optimizer_step"));
 
         var gradOp = MemoryEstimator.Estimate(Tiny.Plan() with { Sharding = new Sharding(ShardingStrategy.ShardGradOp, 2) });
-        Assert.Equal(34_624, gradOp.Bytes("weights")); // ZeRO-2 keeps full weights
+        // ZeRO-2: this rank's fp32 shards (17,312 B, the weights themselves in fp32) and the root gathered (6,400 + 6,464);
+        // every decoder layer gathered from its forward to its backward, one still at the end of backward.
+        Assert.Equal(17_312 + 12_864, gradOp.Bytes("weights"));
         Assert.Equal(34_624, gradOp.Bytes("optimizer_states"));
-        Assert.Equal(0, gradOp.Bytes("fsdp_gathered"));
+        Assert.Equal(2 * 10_880, gradOp.Bytes("fsdp_gathered"));
+        Assert.Equal(10_880, gradOp.Bytes("fsdp_gathered_last"));
 
         // Under LoRA the adapters and the decoder layers' frozen base are sharded and gathered with their layer; the root's
         // frozen embedding, final norm and head (6,400 + 64 + 6,400 = 12,864 B) stay whole on every rank.
@@ -319,7 +322,8 @@ public sealed class MemoryEstimatorTests
         // Each layer: 10,880 B of base and 256 B of adapters, halved.
         Assert.Equal(2 * (10_880 + 256) / 2 + 12_864, shardedLora.Bytes("weights"));
         Assert.Equal(2 * (10_880 + 256), shardedLora.Bytes("fsdp_gathered")); // no root adapters; current and prefetched layer
-        Assert.Equal(34_624 + 512, MemoryEstimator.Estimate(lora with { Sharding = new Sharding(ShardingStrategy.ShardGradOp, 2) }).Bytes("weights"));
+        // ZeRO-2 under LoRA: the whole frozen model and this rank's half of the adapters.
+        Assert.Equal(34_624 + 512 / 2, MemoryEstimator.Estimate(lora with { Sharding = new Sharding(ShardingStrategy.ShardGradOp, 2) }).Bytes("weights"));
 
         // An int8 base's linear weights (3,264 B a layer with their scales) stay replicated; its norms (128 B a layer) are sharded.
         var int8 = MemoryEstimator.Estimate(lora with { Quantization = Quantization.Int8 });
