@@ -94,9 +94,9 @@ internal sealed class InferenceModel : IDisposable
                 ? new Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
                 : null, plan.StreamsWeights ? DiskOffload.Streamed(plan.Offload.ResidentLayers) : null);
             var applied = Techniques.Apply(model, plan, adapter: adapter is null ? null : m => LoraAdapter.Load(adapter, m), weights: checkpoint);
-            if (applied.Lora is { } lora && precision == Planning.Precision.Fp32 && plan.Quantization.Kind == QuantizationKind.None && !plan.StreamsWeights)
+            if (applied.Lora is { } lora && precision == Planning.Precision.Fp32 && plan.Quantization.Kind == QuantizationKind.None && !plan.StreamsWeights && !plan.StreamsFromHost)
             {
-                lora.MergeAndUnload(); // exact in fp32, and as fast as the base (a streamed base is not in memory to merge into)
+                lora.MergeAndUnload(); // exact in fp32, and as fast as the base (a streamed base is not in its layers to merge into)
             }
             model.eval();
             return new InferenceModel(checkpoint, tokenizer, model, report, applied);

@@ -50,5 +50,18 @@ public sealed class OffloadCommandTests
             "--out", Path.Combine(dir.Path, "out"), "--steps", "1", "--batch", "1", "--seq", "16", "--offload", "all");
         Assert.Equal(2, full.Exit);
         Assert.Contains("train LoRA adapters on them (--lora-r)", full.Err);
+
+        // LoRA with the base and the optimizer on the host tier, then its adapter over a host-streamed base: the same tokens
+        // as the adapter merged into an in-memory base (fp32 generation merges it; a streamed base is not merged into).
+        var adapter = Path.Combine(dir.Path, "adapter");
+        var lora = FrugalProcess.Run("train", "--model", FrugalProcess.BundledModel, "--data", data, "--out", adapter,
+            "--steps", "2", "--batch", "1", "--seq", "16", "--lora-r", "4", "--offload", "all", "--grad-clip", "0");
+        Assert.True(lora.Exit == 0, lora.Err);
+        Assert.Contains("placement: offload all", lora.Err);
+        Assert.Contains("layer copies from the host tier", lora.Err);
+        var merged = FrugalProcess.Run([.. Greedy, "--adapter", adapter]);
+        var streamed = FrugalProcess.Run([.. Greedy, "--adapter", adapter, "--offload", "params"]);
+        Assert.True(streamed.Exit == 0, streamed.Err);
+        Assert.Equal(merged.Out, streamed.Out);
     }
 }
