@@ -22,46 +22,27 @@ public static class MemoryProbe
     /// leaked tensor shows in it; unlike the resident set it ignores the managed heap, code pages and
     /// freed-but-resident heap pages, which makes it the steadier measure of a leak in a busy process.
     /// </summary>
-    public static long NativeHeapBytes
-    {
-        get
-        {
-            if (!OperatingSystem.IsLinux())
-            {
-                return 0;
-            }
-            try
-            {
-                var info = mallinfo2();
-                return (long)(info.Uordblks + info.Hblkhd);
-            }
-            catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException)
-            {
-                return 0; // musl or a glibc older than 2.33
-            }
-        }
-    }
+    public static long NativeHeapBytes => MallInfo() is { } info ? (long)(info.Uordblks + info.Hblkhd) : 0;
 
     /// <summary>
     /// Bytes of free chunks the C heap holds in its arenas (glibc's <c>mallinfo2</c> <c>fordblks</c>): freed memory
     /// that stays in the process, resident once touched, until the heap's top is trimmed; 0 where unavailable.
     /// </summary>
-    public static long NativeHeapFreeBytes
+    public static long NativeHeapFreeBytes => MallInfo() is { } info ? (long)info.Fordblks : 0;
+
+    private static MallInfo2? MallInfo()
     {
-        get
+        if (!OperatingSystem.IsLinux())
         {
-            if (!OperatingSystem.IsLinux())
-            {
-                return 0;
-            }
-            try
-            {
-                return (long)mallinfo2().Fordblks;
-            }
-            catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException)
-            {
-                return 0;
-            }
+            return null;
+        }
+        try
+        {
+            return mallinfo2();
+        }
+        catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException)
+        {
+            return null; // musl or a glibc older than 2.33
         }
     }
 
