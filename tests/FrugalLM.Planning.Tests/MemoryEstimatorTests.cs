@@ -297,8 +297,10 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(34_624, full.Bytes("optimizer_states"));
         Assert.Equal(3_232, full.Bytes("gradients_head"));
         Assert.Equal(17_312 - 3_232, full.Bytes("gradients"));
-        // Gathered: embedding + head (the root stays gathered) + current and prefetched layer.
-        Assert.Equal(6_400 + 6_464 + 2 * 10_880, full.Bytes("fsdp_gathered"));
+        // Gathered: embedding + head (the root stays gathered); in backward also the current and the prefetched layer.
+        Assert.Equal(6_400 + 6_464, full.Bytes("fsdp_gathered"));
+        Assert.Equal(2 * 10_880, full.Bytes("fsdp_gathered_layers"));
+        Assert.Equal(Phases.BackwardEnd, full.Components.Single(c => c.Key == "fsdp_gathered_layers").LiveIn);
         // Unsharded gradients of one decoder layer before reduce-scatter (the root's are gradients_head and the rest).
         Assert.Equal(10_880, full.Bytes("gradient_buffer"));
         // The step walks flat shards: the largest unit (a layer, 2720 parameters) over 2 ranks x 8 B.
@@ -321,14 +323,15 @@ public sealed class MemoryEstimatorTests
         Assert.Equal(512, adapters);
         // Each layer: 10,880 B of base and 256 B of adapters, halved.
         Assert.Equal(2 * (10_880 + 256) / 2 + 12_864, shardedLora.Bytes("weights"));
-        Assert.Equal(2 * (10_880 + 256), shardedLora.Bytes("fsdp_gathered")); // no root adapters; current and prefetched layer
+        Assert.Equal(0, shardedLora.Bytes("fsdp_gathered")); // no root adapters
+        Assert.Equal(2 * (10_880 + 256), shardedLora.Bytes("fsdp_gathered_layers")); // current and prefetched layer
         // ZeRO-2 under LoRA: the whole frozen model and this rank's half of the adapters.
         Assert.Equal(34_624 + 512 / 2, MemoryEstimator.Estimate(lora with { Sharding = new Sharding(ShardingStrategy.ShardGradOp, 2) }).Bytes("weights"));
 
         // An int8 base's linear weights (3,264 B a layer with their scales) stay replicated; its norms (128 B a layer) are sharded.
         var int8 = MemoryEstimator.Estimate(lora with { Quantization = Quantization.Int8 });
         Assert.Equal(2 * (128 + 256) / 2 + 2 * 3_264 + 12_864, int8.Bytes("weights"));
-        Assert.Equal(2 * (128 + 256), int8.Bytes("fsdp_gathered"));
+        Assert.Equal(2 * (128 + 256), int8.Bytes("fsdp_gathered_layers"));
     }
 
     [Fact]
