@@ -91,9 +91,7 @@ internal sealed class LayerImage
             handled.Add(modulePath + ".weight");
             handled.Add(modulePath + ".SCB");
         }
-        var tensors = layer.named_parameters().Select(p => (p.name, (Tensor)p.parameter))
-            .Concat(layer.named_buffers(include_nonpersistent: false).Select(b => (b.name, b.buffer)));
-        foreach (var (name, tensor) in tensors)
+        foreach (var (name, tensor) in Streamable(layer))
         {
             // Scalars (an int8 layer's format byte) stay resident: streaming a byte saves nothing.
             if (handled.Contains(name) || tensor.ndim == 0 || !source.TryLocate(Key(path, name), out var file, out var info))
@@ -121,10 +119,8 @@ internal sealed class LayerImage
     /// </summary>
     public static LayerImage FromHost(string path, nn.Module layer)
     {
-        var tensors = layer.named_parameters().Select(p => (p.name, (Tensor)p.parameter))
-            .Concat(layer.named_buffers(include_nonpersistent: false).Select(b => (b.name, b.buffer)));
         var entries = new List<StreamEntry>();
-        foreach (var (name, tensor) in tensors)
+        foreach (var (name, tensor) in Streamable(layer))
         {
             if (tensor.ndim == 0 || tensor.requires_grad)
             {
@@ -157,6 +153,11 @@ internal sealed class LayerImage
             entry.Scale?.set_(Empty(ScalarType.Float32));
         }
     }
+
+    // What a layer could stream: its parameters and persistent buffers, by their names within the layer.
+    private static IEnumerable<(string Name, Tensor Tensor)> Streamable(nn.Module layer) =>
+        layer.named_parameters().Select(p => (p.name, (Tensor)p.parameter))
+            .Concat(layer.named_buffers(include_nonpersistent: false).Select(b => (b.name, b.buffer)));
 
     // The checkpoint key of a tensor of the layer: LoRA's wrapper adds a base_layer segment that HF folders do not have.
     private static string Key(string path, string name) => path + "." + name.Replace(".base_layer.", ".", StringComparison.Ordinal);
