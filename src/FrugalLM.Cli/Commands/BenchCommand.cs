@@ -217,7 +217,7 @@ internal static class BenchCommand
         header.AppendLine();
         header.AppendLine(CultureInfo.InvariantCulture, $"- command: `./frugal bench {string.Join(' ', arguments)}`");
         header.AppendLine(CultureInfo.InvariantCulture, $"- machine: {Machine()}");
-        header.AppendLine(CultureInfo.InvariantCulture, $"- FrugalLM on .NET {Environment.Version}, TorchSharp {typeof(TorchSharp.torch).Assembly.GetName().Version}; peer: {peer?.Version ?? "none"}");
+        header.AppendLine(CultureInfo.InvariantCulture, $"- FrugalLM on .NET {Environment.Version}, TorchSharp {typeof(TorchSharp.torch).Assembly.GetName().Version} (oneMKL: {FrugalLM.Native.MklDispatch.Status ?? "not loaded"}); peer: {peer?.Version ?? "none"}");
         header.AppendLine(CultureInfo.InvariantCulture, $"- date: {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         header.AppendLine();
         header.Append(BenchReport.Markdown(results));

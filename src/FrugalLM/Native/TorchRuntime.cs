@@ -60,6 +60,8 @@ public static class TorchRuntime
                         "libtorch could not be loaded. Build with 'dotnet build' so the TorchSharp native glue is " +
                         "prepared for this system's libstdc++ (see build/WeakenGlibcxxRequirement.cs). " + e.Message, e);
                 }
+                // Before the first matrix product: oneMKL caches its choice of kernels.
+                MklDispatch.Apply();
                 initialized = true;
             }
             if (threads is int n)
