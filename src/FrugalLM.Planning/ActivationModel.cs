@@ -137,22 +137,48 @@ public static class ActivationModel
     }
 
     /// <summary>
-    /// Peak bytes of logits and cross-entropy: three fp32 tensors of tokens x vocabulary at once (the kept
+    /// Peak bytes of logits and cross-entropy. Full: three fp32 tensors of tokens x vocabulary at once (the kept
     /// log-probabilities, the gradient arriving at them, the gradient leaving them), plus one at compute precision
-    /// when the head computes in 16 bits (logits before the upcast, their gradient after the downcast). Chunked: the
-    /// same for one chunk of tokens.
+    /// when the head computes in 16 bits on a CPU in fp16 (<see cref="LogitsBytes16"/>). Chunked (fused): one fp32 buffer
+    /// of a chunk's logits, turned into their gradient in place, plus a 16-bit head's chunk of logits before the copy;
+    /// when training, the gradients computed in the forward pass and held until backward: of the hidden states
+    /// (tokens x hidden, fp32) and of a trainable head (vocab x hidden, fp32), and a 16-bit head's fp32 copy.
     /// </summary>
     public static long LossBytes(RunPlan plan, long batch, long sequence)
     {
         ArgumentNullException.ThrowIfNull(plan);
         long tokens = checked(batch * sequence);
-        if (plan.Loss.Chunked)
+        if (!plan.Loss.Chunked)
         {
-            tokens = Math.Min(tokens, plan.Loss.ChunkTokens);
+            return checked(tokens * plan.Model.VocabSize * (3 * Fp32 + LogitsBytes16(plan)));
         }
-        // Full: the fp32 logits (or the 16-bit head's fp32 copy), log-softmax's saved output and the gradient that
-        // backward starts with. Chunked: one chunk's logits and their softmax (the gradient is built in place of it).
-        return checked(tokens * plan.Model.VocabSize * ((plan.Loss.Chunked ? 2 : 3) * Fp32 + LogitsBytes16(plan)));
+        long chunk = Math.Min(tokens, plan.Loss.ChunkTokens);
+        long vocab = plan.Model.VocabSize, hidden = plan.Model.HiddenSize;
+        bool head16 = plan.ComputeBytes < Fp32 && !plan.HeadInFp32;
+        long bytes = checked(chunk * vocab * (Fp32 + (head16 ? plan.ComputeBytes : 0)));
+        if (plan.Mode == RunMode.Train)
+        {
+            bytes += checked(tokens * hidden * Fp32 + (head16 ? vocab * hidden * Fp32 : 0) + (plan.Lora is null ? vocab * hidden * Fp32 : 0));
+        }
+        return bytes;
+    }
+
+    /// <summary>The formula of <see cref="LossBytes"/> for reports.</summary>
+    public static string LossFormula(RunPlan plan)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        if (!plan.Loss.Chunked)
+        {
+            return $"b x s x vocab x (12 + {LogitsBytes16(plan)}) B";
+        }
+        bool head16 = plan.ComputeBytes < Fp32 && !plan.HeadInFp32;
+        var text = $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x {Fp32 + (head16 ? plan.ComputeBytes : 0)} B";
+        if (plan.Mode == RunMode.Train)
+        {
+            text += " + b x s x hidden x 4 B" + (head16 ? " + vocab x hidden x 4 B (fp32 head)" : "")
+                + (plan.Lora is null ? " + vocab x hidden x 4 B (head gradient)" : "");
+        }
+        return text;
     }
 
     /// <summary>

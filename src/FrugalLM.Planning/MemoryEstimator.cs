@@ -311,10 +311,8 @@ public static class MemoryEstimator
             "head terms"));
         list.Add(new("activation_gradients", "activation gradients in flight (one layer)", ActivationModel.BackwardWorkspaceBytes(plan, b, s),
             MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "b x s x (2 hidden + widest intermediate group)"));
-        list.Add(new("loss", plan.Loss.Chunked ? "logits and loss (one chunk)" : "fp32 logits and loss", ActivationModel.LossBytes(plan, b, s),
-            MemoryTier.Device, Phases.ForwardEnd, plan.Loss.Chunked
-                ? $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (8 + {ActivationModel.LogitsBytes16(plan)}) B"
-                : $"b x s x vocab x (12 + {ActivationModel.LogitsBytes16(plan)}) B"));
+        list.Add(new("loss", plan.Loss.Chunked ? "one chunk of logits and the fused loss's gradients" : "fp32 logits and loss", ActivationModel.LossBytes(plan, b, s),
+            MemoryTier.Device, Phases.ForwardEnd, ActivationModel.LossFormula(plan)));
 
         // A tied embedding is differentiated last, when the activations are gone: libtorch's embedding backward makes a
         // dense [vocab, hidden] gradient while the head's is still held, and autograd adds the two into a third
@@ -406,8 +404,8 @@ public static class MemoryEstimator
         {
             // frugal eval: the held-out loss of a batch, its head and loss run a chunk of tokens at a time without a graph
             // (measured on the main job's eval at 8 x 48 tokens: 210 MiB above the baseline against 69 predicted without it).
-            list.Add(new("evaluation_loss", "held-out loss: one chunk's logits and log-softmax", ActivationModel.LossBytes(plan, b, s),
-                MemoryTier.Device, Phases.All, $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x (8 + {ActivationModel.LogitsBytes16(plan)}) B"));
+            list.Add(new("evaluation_loss", "held-out loss: one chunk's logits", ActivationModel.LossBytes(plan, b, s),
+                MemoryTier.Device, Phases.All, ActivationModel.LossFormula(plan)));
         }
         list.AddRange(DiskStaging(plan, t));
         return list;

@@ -248,14 +248,23 @@ public enum AttentionKind
 }
 
 /// <summary>How logits and the cross-entropy loss are computed while training.</summary>
-/// <param name="Chunked">Compute LM head, log-softmax and loss over chunks of tokens instead of all at once.</param>
+/// <param name="Chunked">
+/// Compute LM head and loss over chunks of tokens in one reused buffer, with each chunk's gradients computed at once
+/// (fused), instead of all logits at once.
+/// </param>
 /// <param name="ChunkTokens">Tokens per chunk when chunked.</param>
-public sealed record LossComputation(bool Chunked, int ChunkTokens = 1024)
+public sealed record LossComputation(bool Chunked, int ChunkTokens = LossComputation.DefaultChunkTokens)
 {
-    /// <summary>Full fp32 logits for every token (HF's default).</summary>
+    /// <summary>
+    /// Tokens per chunk of the command line's default loss. Measured on the bundled model (vocab 50257, 4 x 256 tokens,
+    /// fp32, 2 threads): 872-892 tokens/s at 256, 793-834 at 1024, 716-742 with all logits at once.
+    /// </summary>
+    public const int DefaultChunkTokens = 256;
+
+    /// <summary>Full fp32 logits for every token (HF's default; this record's default in a <see cref="RunPlan"/>).</summary>
     public static LossComputation Full { get; } = new(false);
 
-    /// <summary>Chunks of 1024 tokens.</summary>
+    /// <summary>Chunks of <see cref="DefaultChunkTokens"/> tokens: the default of <c>frugal train</c>, <c>estimate</c> and <c>plan</c>.</summary>
     public static LossComputation ChunkedDefault { get; } = new(true);
 }
 

@@ -41,8 +41,8 @@ internal sealed record BenchCase
     /// <summary>adamw or adamw8bit.</summary>
     public string Optimizer { get; init; } = "adamw";
 
-    /// <summary>Loss chunk in tokens (0: full fp32 logits, as transformers and the peer).</summary>
-    public int LossChunk { get; init; }
+    /// <summary>Loss chunk in tokens (frugal train's default; 0: full fp32 logits, as transformers and the peer).</summary>
+    public int LossChunk { get; init; } = LossComputation.DefaultChunkTokens;
 
     /// <summary>none, optimizer (the step on the host in C#), params (a LoRA base's layers copied from the host tier), all,
     /// or disk (a LoRA base's layers read from the weights folder).</summary>
@@ -100,7 +100,11 @@ internal sealed record BenchCase
                 {
                     parts.Add(Optimizer);
                 }
-                if (LossChunk > 0)
+                if (LossChunk == 0)
+                {
+                    parts.Add("full logits");
+                }
+                else if (LossChunk != LossComputation.DefaultChunkTokens)
                 {
                     parts.Add(string.Create(CultureInfo.InvariantCulture, $"loss chunk {LossChunk}"));
                 }
@@ -124,7 +128,7 @@ internal sealed record BenchCase
     /// <summary>True when the PyTorch peer (tools/peer_bench.py) runs the same configuration.</summary>
     [JsonIgnore]
     public bool PeerHas => Offload == "none" && Fsdp == "none" && (Mode == "train"
-        ? Precision is "fp32" or "bf16" && Quantize == "none" && Optimizer == "adamw" && LossChunk == 0
+        ? Precision is "fp32" or "bf16" && Quantize == "none" && Optimizer == "adamw"
         : Precision is "fp32" or "bf16" && Quantize is "none" or "int8");
 
     /// <summary>The plan this case runs, with <paramref name="disk"/> as its policy when it offloads to disk.</summary>
@@ -148,7 +152,7 @@ internal sealed record BenchCase
         Optimizer = Mode == "train" ? PlanNames.ParseOptimizer(Optimizer) : OptimizerKind.None,
         Quantization = Quantize == "int8" ? Planning.Quantization.Int8 : Planning.Quantization.None,
         Checkpointing = Mode == "train" && Checkpointing ? new Planning.Checkpointing(1) : Planning.Checkpointing.None,
-        Loss = LossChunk > 0 ? new LossComputation(true, LossChunk) : LossComputation.Full,
+        Loss = Mode == "train" && LossChunk > 0 ? new LossComputation(true, LossChunk) : LossComputation.Full,
         Lora = LoraRank > 0 ? new LoraSettings(LoraRank, 2.0 * LoraRank, LoraTargets.Split(','), 0) : null,
         MicroBatchSize = Mode == "train" ? Batch : 1,
         SequenceLength = Mode == "train" ? Seq : PromptTokens + NewTokens,

@@ -60,9 +60,9 @@ internal sealed class PlanOptions
 
     public Option<string> Attention { get; } = new("--attention") { Description = "sdpa (flash/memory-efficient) or eager", DefaultValueFactory = _ => "sdpa" };
 
-    public Option<string> Loss { get; } = new("--loss") { Description = "full (fp32 logits for all tokens) or chunked", DefaultValueFactory = _ => "full" };
+    public Option<string> Loss { get; } = new("--loss") { Description = "chunked (LM head and loss fused over chunks of tokens, frugal train's default) or full (fp32 logits for all tokens, as transformers)", DefaultValueFactory = _ => "chunked" };
 
-    public Option<int> LossChunk { get; } = new("--loss-chunk") { Description = "Tokens per chunk for --loss chunked", DefaultValueFactory = _ => 1024 };
+    public Option<int> LossChunk { get; } = new("--loss-chunk") { Description = "Tokens per chunk for --loss chunked", DefaultValueFactory = _ => LossComputation.DefaultChunkTokens };
 
     public Option<string> Fsdp { get; } = new("--fsdp") { Description = "FSDP strategy: none, full (ZeRO-3) or grad-op (ZeRO-2)", DefaultValueFactory = _ => "none" };
 

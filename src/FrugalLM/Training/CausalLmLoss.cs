@@ -8,8 +8,8 @@ namespace FrugalLM.Training;
 /// <summary>
 /// Next-token cross-entropy summed over the positions that take a loss. Two ways, same value and
 /// gradients: <see cref="Full"/> materializes fp32 logits [tokens, vocab] as transformers does;
-/// <see cref="Chunked"/> never does: it runs the LM head, log-softmax and loss over chunks of tokens and
-/// recomputes each chunk's logits in backward, so at most one chunk of logits exists at a time.
+/// <see cref="Chunked"/> never does: it runs the LM head and loss over chunks of tokens in one reused buffer and
+/// computes each chunk's gradients at once, so at most one chunk of logits exists at a time.
 /// </summary>
 public static class CausalLmLoss
 {
@@ -32,15 +32,93 @@ public static class CausalLmLoss
     /// Sum of per-token losses of hidden states [N, hidden] under the head weight [vocab, hidden], computed
     /// <paramref name="chunk"/> tokens at a time; differentiable in both the hidden states and the weight.
     /// </summary>
-    public static Tensor Chunked(Tensor hidden, Tensor headWeight, Tensor labels, int chunk) =>
-        ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[^1]), headWeight, labels.reshape(-1), chunk);
+    /// <remarks>
+    /// Fused, as Liger-Kernel's linear cross-entropy: when a gradient will be asked for, each chunk's gradients (of the
+    /// hidden states and of the head weight) are computed right after its loss, in the forward pass, from the chunk's
+    /// logits turned into softmax - onehot in place; backward only scales them by the incoming gradient. One fp32 buffer
+    /// of [chunk, vocab] serves every chunk, so no [tokens, vocab] tensor and no per-chunk allocation exists, and no logits
+    /// are recomputed (the earlier version recomputed each chunk's logits in backward: a third more LM-head products).
+    /// Held from forward to backward: the hidden states' gradient [N, hidden] and, for a trainable head, its fp32
+    /// gradient [vocab, hidden], which a leaf head then takes as its .grad without a copy.
+    /// </remarks>
+    public static Tensor Chunked(Tensor hidden, Tensor headWeight, Tensor labels, int chunk)
+    {
+        var flat = hidden.reshape(-1, hidden.shape[^1]);
+        var targets = labels.reshape(-1);
+        if (!is_grad_enabled() || !(flat.requires_grad || headWeight.requires_grad))
+        {
+            using var noGrad = no_grad();
+            return FusedChunks(flat, headWeight, targets, chunk, gradients: null);
+        }
+        return ChunkedCrossEntropy.apply(flat, headWeight, targets, chunk);
+    }
 
-    // fp32 logits of one chunk. A head kept in fp32 (Fp32NormsAndHead) takes widened hidden states, as its
+    // fp32 logits of one chunk into `into`. A head kept in fp32 (Fp32NormsAndHead) takes widened hidden states, as its
     // Fp32Linear module does; a 16-bit head computes at its own precision and its logits are widened after.
-    private static Tensor Logits(Tensor hidden, Tensor weight) =>
-        weight.dtype == ScalarType.Float32
-            ? nn.functional.linear(hidden.to(ScalarType.Float32), weight)
-            : Matmul16.Linear(hidden, weight).to(ScalarType.Float32);
+    private static void Logits(Tensor hidden, Tensor weight, Tensor into)
+    {
+        if (weight.dtype == ScalarType.Float32)
+        {
+            using var wide = hidden.to(ScalarType.Float32);
+            using var weightT = weight.t();
+            into.addmm_(wide, weightT, beta: 0); // beta 0: the buffer's old values are not read
+        }
+        else
+        {
+            using var narrow = Matmul16.Linear(hidden, weight);
+            into.copy_(narrow);
+        }
+    }
+
+    /// <summary>Gradients a fused pass fills in: of the hidden states [N, hidden] and of the head weight, or null for a frozen head.</summary>
+    private sealed record FusedGradients(Tensor Hidden, Tensor? Weight);
+
+    // The loss sum of all chunks; with `gradients`, also d(loss sum)/d hidden and d(loss sum)/d weight (fp32).
+    private static Tensor FusedChunks(Tensor hidden, Tensor weight, Tensor labels, int chunk, FusedGradients? gradients)
+    {
+        long n = hidden.shape[0];
+        long vocab = weight.shape[0];
+        var total = zeros(1, dtype: ScalarType.Float32);
+        using var buffer = empty([Math.Min(chunk, n), vocab], dtype: ScalarType.Float32);
+        using var weight32 = gradients is null ? null : weight.dtype == ScalarType.Float32 ? weight.alias() : weight.to(ScalarType.Float32);
+        for (long start = 0; start < n; start += chunk)
+        {
+            using var scope = NewDisposeScope();
+            long size = Math.Min(chunk, n - start);
+            var h = hidden.narrow(0, start, size);
+            var y = labels.narrow(0, start, size);
+            var logits = buffer.narrow(0, 0, size);
+            Logits(h, weight, logits);
+            var counted = y.ne(TrainingBatch.IgnoreLabel);
+            var target = y.masked_fill(counted.logical_not(), 0).unsqueeze(1);
+            // loss = log(sum(exp(x - max))) + max - x[label], on counted rows; exp(x - max) is written over the logits.
+            var picked = logits.gather(1, target).squeeze(1);
+            var max = logits.amax([-1L], keepdim: true);
+            logits.sub_(max).exp_();
+            var sum = logits.sum([-1L], keepdim: true);
+            var rows = (sum.log() + max).squeeze(1) - picked;
+            var countedF = counted.to(ScalarType.Float32);
+            total.add_((rows * countedF).sum());
+            if (gradients is null)
+            {
+                continue;
+            }
+            // d(sum CE)/d logits = softmax - onehot(label) on counted rows, 0 on ignored ones; built in place.
+            logits.div_(sum);
+            logits.scatter_add_(1, target, countedF.neg().unsqueeze(1));
+            if (!counted.all().item<bool>())
+            {
+                logits.mul_(countedF.unsqueeze(1));
+            }
+            gradients.Hidden.narrow(0, start, size).addmm_(logits, weight32!, beta: 0);
+            if (gradients.Weight is Tensor gw)
+            {
+                using var h32 = h.to(ScalarType.Float32);
+                gw.addmm_(logits.t(), h32, beta: start == 0 ? 0 : 1);
+            }
+        }
+        return total.reshape([]);
+    }
 
     private sealed class ChunkedCrossEntropy : autograd.SingleTensorFunction<ChunkedCrossEntropy>
     {
@@ -52,71 +130,53 @@ public static class CausalLmLoss
             var weight = (Tensor)vars[1];
             var labels = (Tensor)vars[2];
             int chunk = (int)vars[3];
-            ctx.save_for_backward([hidden, weight, labels]);
-            ctx.save_data("chunk", chunk);
-            var total = zeros(1, dtype: ScalarType.Float32);
-            long n = hidden.shape[0];
-            for (long start = 0; start < n; start += chunk)
-            {
-                using var scope = NewDisposeScope();
-                long size = Math.Min(chunk, n - start);
-                var logits = Logits(hidden.narrow(0, start, size), weight);
-                var loss = nn.functional.cross_entropy(logits, labels.narrow(0, start, size),
-                    ignore_index: TrainingBatch.IgnoreLabel, reduction: nn.Reduction.Sum);
-                total.add_(loss);
-            }
-            return total.reshape([]);
+            // Created in the caller's dispose scope (the step's), released by backward as soon as they are handed on.
+            var gradients = new FusedGradients(
+                empty(hidden.shape, dtype: ScalarType.Float32),
+                weight.requires_grad ? empty(weight.shape, dtype: ScalarType.Float32) : null);
+            ctx.save_data("gradients", gradients);
+            ctx.save_data("hidden_dtype", hidden.dtype);
+            ctx.save_data("weight_dtype", weight.dtype);
+            ctx.save_for_backward([weight]);
+            return FusedChunks(hidden, weight, labels, chunk, gradients);
         }
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
         {
             AutogradHandles.BeginBackward();
-            var saved = ctx.get_saved_variables();
-            var hidden = saved[0];
-            var weight = saved[1];
-            var labels = saved[2];
-            int chunk = (int)ctx.get_data("chunk");
-            long n = hidden.shape[0];
+            var gradients = (FusedGradients)ctx.get_data("gradients");
+            var hiddenDtype = (ScalarType)ctx.get_data("hidden_dtype");
+            var weightDtype = (ScalarType)ctx.get_data("weight_dtype");
+            var weight = ctx.get_saved_variables()[0];
             using var scope = NewDisposeScope();
-            var gradHidden = zeros_like(hidden);
+            // The loss is a sum; its incoming gradient (1 / tokens, times the loss scale under fp16) scales both.
+            var scale = gradOutput.to(ScalarType.Float32);
+            var gradHidden = gradients.Hidden.mul(scale).to(hiddenDtype).MoveToOuterDisposeScope();
+            gradients.Hidden.Dispose();
+            if (gradients.Weight is not Tensor gradWeight)
+            {
+                return AutogradHandles.EndBackward(gradOutput, [gradHidden, null!, null!, null!]);
+            }
+            gradWeight.mul_(scale);
             // A leaf weight (the parameter, or mixed precision's compute copy) gets its gradient added to .grad here, in
             // place, as autograd's accumulation would: a returned gradient's handle would stay alive in the step's
             // dispose scope until the step ends, a second [vocab, hidden] copy through the whole backward pass.
-            bool direct = weight.requires_grad && weight.is_leaf;
-            var existing = direct ? weight.grad : null;
-            Tensor? gradWeight = !weight.requires_grad ? null
-                : existing is not null && existing.dtype == ScalarType.Float32 ? existing
-                : zeros(weight.shape, dtype: ScalarType.Float32);
-            var weight32 = weight.to(ScalarType.Float32);
-            for (long start = 0; start < n; start += chunk)
+            if (!weight.is_leaf)
             {
-                using var chunkScope = NewDisposeScope();
-                long size = Math.Min(chunk, n - start);
-                var h = hidden.narrow(0, start, size);
-                var y = labels.narrow(0, start, size);
-                // d(sum CE)/d logits = softmax - onehot(label) on counted rows, 0 on ignored ones.
-                var logits = Logits(h, weight);
-                var counted = y.ne(TrainingBatch.IgnoreLabel);
-                var target = y.masked_fill(counted.logical_not(), 0);
-                var dlogits = logits.softmax(-1);
-                dlogits.scatter_add_(1, target.unsqueeze(1), counted.to(ScalarType.Float32).neg().unsqueeze(1));
-                dlogits.mul_(counted.to(ScalarType.Float32).unsqueeze(1) * gradOutput.to(ScalarType.Float32));
-                gradHidden.narrow(0, start, size).copy_(dlogits.mm(weight32));
-                gradWeight?.addmm_(dlogits.t(), h.to(ScalarType.Float32));
+                var returned = gradWeight.to(weightDtype).MoveToOuterDisposeScope();
+                gradWeight.Dispose();
+                return AutogradHandles.EndBackward(gradOutput, [gradHidden, returned, null!, null!]);
             }
-            gradHidden.MoveToOuterDisposeScope();
-            if (gradWeight is null || !direct)
-            {
-                return AutogradHandles.EndBackward(gradOutput, [gradHidden, gradWeight?.to(weight.dtype).MoveToOuterDisposeScope()!, null!, null!]);
-            }
+            var existing = weight.grad;
             if (existing is null)
             {
-                weight.grad = gradWeight.to(weight.dtype);
+                weight.grad = weightDtype == ScalarType.Float32 ? gradWeight : gradWeight.to(weightDtype);
             }
-            else if (!ReferenceEquals(existing, gradWeight))
+            else
             {
                 existing.add_(gradWeight);
             }
+            gradWeight.Dispose();
             return AutogradHandles.EndBackward(gradOutput, [gradHidden, null!, null!, null!]);
         }
     }

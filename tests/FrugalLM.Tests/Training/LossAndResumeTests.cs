@@ -16,7 +16,9 @@ public sealed class LossAndResumeTests
     [InlineData(false, 1000)]
     [InlineData(true, 5, true)]
     [InlineData(false, 7, true)]
-    public void ChunkedLossEqualsTheFullLossWithTheSameGradients(bool tied, int chunk, bool accumulate = false)
+    [InlineData(true, 5, false, 0.37)] // a scaled loss (1 / tokens, an fp16 loss scale): backward scales the fused gradients
+    [InlineData(false, 7, true, 3.5)]
+    public void ChunkedLossEqualsTheFullLossWithTheSameGradients(bool tied, int chunk, bool accumulate = false, double scale = 1)
     {
         using var model = new LlamaForCausalLM(TestSupport.TinyConfig(tied));
         model.InitializeWeights(seed: 14, std: 0.2);
@@ -34,7 +36,7 @@ public sealed class LossAndResumeTests
             }
             var hidden = model.Hidden(ids[.., ..^1]);
             var loss = chunked ? CausalLmLoss.Chunked(hidden, model.HeadWeight!, labels, chunk) : CausalLmLoss.Full(model.Logits(hidden), labels);
-            loss.backward();
+            (loss * scale).backward();
             return (loss.item<float>(), model.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone()));
         }
         var full = Run(false);
@@ -45,6 +47,32 @@ public sealed class LossAndResumeTests
         {
             Assert.True(TensorAssert.RelativeError(chunkedRun.Grads[name], g) < 1e-5, $"{name}: {TensorAssert.RelativeError(chunkedRun.Grads[name], g):E2}");
         }
+    }
+
+    [Theory]
+    [InlineData(ScalarType.Float32)]
+    [InlineData(ScalarType.BFloat16)]
+    public void ChunkedLossUnderAFrozenHeadGivesOnlyTheHiddenGradient(ScalarType dtype)
+    {
+        // LoRA's case: the head is frozen, so the fused pass computes no weight gradient. Reference: the full loss over
+        // the same head's logits widened to fp32 (what the chunked path computes from a 16-bit head), with fresh inputs.
+        using var weight = (randn([97, 24]) * 0.3).to(dtype);
+        using var hidden = (randn([2, 9, 24]) * 0.5).to(dtype).requires_grad_(true);
+        using var labels = randint(0, 97, [2, 9], dtype: ScalarType.Int64);
+        labels[1, 3] = tensor(TrainingBatch.IgnoreLabel);
+        using var chunked = CausalLmLoss.Chunked(hidden, weight, labels, 4);
+        (chunked * 0.25).backward();
+        var gradChunked = hidden.grad!.clone();
+        hidden.grad = null;
+        using var logits = Matmul16.Linear(hidden, weight).to(ScalarType.Float32);
+        using var full = CausalLmLoss.Full(logits, labels);
+        (full * 0.25).backward();
+        Assert.Null(weight.grad);
+        Assert.Equal(full.item<float>(), chunked.item<float>(), 1e-5 * full.item<float>());
+        // fp32: rounding of sums in another order. bf16: the hidden gradient is rounded to bf16 (8 bits) at the end on
+        // both paths, from fp32 values that differ by rounding only, so an element may differ by one bf16 step (2^-8).
+        double tolerance = dtype == ScalarType.Float32 ? 1e-5 : 1e-2;
+        Assert.True(TensorAssert.RelativeError(gradChunked.to(ScalarType.Float32), hidden.grad!.to(ScalarType.Float32)) < tolerance);
     }
 
     [Theory]
