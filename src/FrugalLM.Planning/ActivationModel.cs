@@ -140,9 +140,11 @@ public static class ActivationModel
     /// Peak bytes of logits and cross-entropy. Full: three fp32 tensors of tokens x vocabulary at once (the kept
     /// log-probabilities, the gradient arriving at them, the gradient leaving them), plus one at compute precision
     /// when the head computes in 16 bits on a CPU in fp16 (<see cref="LogitsBytes16"/>). Chunked (fused): one fp32 buffer
-    /// of a chunk's logits, turned into their gradient in place, plus a 16-bit head's chunk of logits before the copy;
-    /// when training, the gradients computed in the forward pass and held until backward: of the hidden states
-    /// (tokens x hidden, fp32) and of a trainable head (vocab x hidden, fp32), and a 16-bit head's fp32 copy.
+    /// of a chunk's logits, turned into their gradient in place, plus a 16-bit head's chunk of logits before the copy
+    /// (not when training in fp16 on a CPU, whose head product runs from the head's fp32 copy); when training, the
+    /// gradients computed in the forward pass and held until backward: of the hidden states (tokens x hidden, fp32),
+    /// a 16-bit head's fp32 copy, and a trainable head's gradient in fp32, whose compute-precision part is the
+    /// estimator's <c>gradients_head</c> (the fp32 buffer becomes the head's gradient).
     /// </summary>
     public static long LossBytes(RunPlan plan, long batch, long sequence)
     {
@@ -155,13 +157,21 @@ public static class ActivationModel
         long chunk = Math.Min(tokens, plan.Loss.ChunkTokens);
         long vocab = plan.Model.VocabSize, hidden = plan.Model.HiddenSize;
         bool head16 = plan.ComputeBytes < Fp32 && !plan.HeadInFp32;
-        long bytes = checked(chunk * vocab * (Fp32 + (head16 ? plan.ComputeBytes : 0)));
-        if (plan.Mode == RunMode.Train)
+        bool train = plan.Mode == RunMode.Train;
+        long bytes = checked(chunk * vocab * (Fp32 + (head16 && !(train && UpcastsFp16(plan)) ? plan.ComputeBytes : 0)));
+        if (train)
         {
-            bytes += checked(tokens * hidden * Fp32 + (head16 ? vocab * hidden * Fp32 : 0) + (plan.Lora is null ? vocab * hidden * Fp32 : 0));
+            // A natively computed 16-bit head: a chunk's 16-bit gradient (as large as its 16-bit logits, counted above)
+            // and, when trainable, each chunk's 16-bit weight gradient before it is added to the fp32 one. An fp16 head on
+            // a CPU: its fp32 copy.
+            bool native16 = head16 && !UpcastsFp16(plan);
+            bytes += checked(tokens * hidden * Fp32 + (head16 && !native16 ? vocab * hidden * Fp32 : 0)
+                + (plan.Lora is null ? vocab * hidden * (Fp32 - (plan.HeadInFp32 ? Fp32 : plan.ComputeBytes) + (native16 ? plan.ComputeBytes : 0)) : 0));
         }
         return bytes;
     }
+
+    private static bool UpcastsFp16(RunPlan plan) => plan.Device == ComputeDevice.Cpu && plan.Precision == Precision.Fp16;
 
     /// <summary>The formula of <see cref="LossBytes"/> for reports.</summary>
     public static string LossFormula(RunPlan plan)
@@ -172,11 +182,14 @@ public static class ActivationModel
             return $"b x s x vocab x (12 + {LogitsBytes16(plan)}) B";
         }
         bool head16 = plan.ComputeBytes < Fp32 && !plan.HeadInFp32;
-        var text = $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x {Fp32 + (head16 ? plan.ComputeBytes : 0)} B";
-        if (plan.Mode == RunMode.Train)
+        bool train = plan.Mode == RunMode.Train;
+        var text = $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x {Fp32 + (head16 && !(train && UpcastsFp16(plan)) ? plan.ComputeBytes : 0)} B";
+        if (train)
         {
-            text += " + b x s x hidden x 4 B" + (head16 ? " + vocab x hidden x 4 B (fp32 head)" : "")
-                + (plan.Lora is null ? " + vocab x hidden x 4 B (head gradient)" : "");
+            bool native16 = head16 && !UpcastsFp16(plan);
+            text += " + b x s x hidden x 4 B" + (head16 && !native16 ? " + vocab x hidden x 4 B (fp32 head)" : "")
+                + (plan.Lora is null && head16 ? $" + vocab x hidden x {Fp32 - plan.ComputeBytes} B (fp32 head gradient beyond gradients_head)" : "")
+                + (plan.Lora is null && native16 ? $" + vocab x hidden x {plan.ComputeBytes} B (a chunk's 16-bit head gradient)" : "");
         }
         return text;
     }

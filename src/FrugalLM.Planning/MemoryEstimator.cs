@@ -291,6 +291,10 @@ public static class MemoryEstimator
         long layer = ActivationModel.LayerBytes(plan, b, s);
         // Disk offload runs each streamed layer without a graph and recomputes it in backward: checkpointing every layer.
         int layers = m.NumHiddenLayers, k = plan.StreamsWeights || plan.StreamsFromHost || recomputes || (fsdp && plan.Checkpointing.Enabled) ? 1 : plan.Checkpointing.Interval;
+        // The full loss peaks in its own backward, where the last layer's recomputed activations and the first activation
+        // gradients are counted as about to exist. The fused chunked loss peaks in its forward pass, when neither exists
+        // (measured on the bundled model: fp32 with checkpointing over-predicted by 35 MiB with them counted there).
+        var backwardOnly = plan.Loss.Chunked ? Phases.BackwardEnd : Phases.ForwardEnd | Phases.BackwardEnd;
         if (k == 0)
         {
             list.Add(new("activations", "activations kept by every decoder layer", checked(layers * layer), MemoryTier.Device,
@@ -304,25 +308,38 @@ public static class MemoryEstimator
             list.Add(new("activations", "checkpoints (segment inputs)", checked(segments * b * s * m.HiddenSize * a),
                 MemoryTier.Device, Phases.ForwardEnd, $"{segments} segments x b x s x hidden x {a} B"));
             list.Add(new("activation_recompute", $"recomputed activations of one segment ({k} layer{(k > 1 ? "s" : "")})",
-                checked(k * layer), MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, $"{k} x per-layer terms"));
+                checked(k * layer), MemoryTier.Device, backwardOnly, $"{k} x per-layer terms"));
         }
         list.Add(new("activations_head", "final norm, LM head input, token ids and labels",
             ActivationModel.HeadTerms(plan).Sum(term => term.Bytes(b, s)), MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd,
             "head terms"));
         list.Add(new("activation_gradients", "activation gradients in flight (one layer)", ActivationModel.BackwardWorkspaceBytes(plan, b, s),
-            MemoryTier.Device, Phases.ForwardEnd | Phases.BackwardEnd, "b x s x (2 hidden + widest intermediate group)"));
+            MemoryTier.Device, backwardOnly, "b x s x (2 hidden + widest intermediate group)"));
         list.Add(new("loss", plan.Loss.Chunked ? "one chunk of logits and the fused loss's gradients" : "fp32 logits and loss", ActivationModel.LossBytes(plan, b, s),
             MemoryTier.Device, Phases.ForwardEnd, ActivationModel.LossFormula(plan)));
+        if (plan.Device == ComputeDevice.Cpu)
+        {
+            // oneMKL keeps the panels it packs operands into and reuses them for every later product; their size follows
+            // the products' shapes, the LM head's the largest (libtorch 2.10's oneMKL 2024.0, 2 threads, [256, hidden] by
+            // [hidden, vocab >= 32000]: 16.4 MiB at hidden 128, 26.2 at 256-512, 36.2 at 768-1536, 39.0 at 2048-4096). The
+            // runtime baseline's warm-up products are too small to fill them, so a training run holds them beside it.
+            list.Add(new("gemm_workspace", "oneMKL's packed operand panels (CPU products, the LM head's the largest)", CpuGemmWorkspaceBytes,
+                MemoryTier.Device, Phases.All, "32 MiB (measured 16-39 MiB)"));
+        }
 
         // A tied embedding is differentiated last, when the activations are gone: libtorch's embedding backward makes a
         // dense [vocab, hidden] gradient while the head's is still held, and autograd adds the two into a third
         // (measured with FRUGAL_MEMTRACE's backward marks on llama-100m with vocab 50257: +294 MiB = 2 x 147 MiB above the
         // resident set where the embedding's backward begins). An untied embedding's dense gradient is its final one.
+        // The fused chunked loss sets the head's gradient as the leaf's .grad itself, so autograd adds the embedding's dense
+        // gradient into it in place: one dense gradient (measured on the bundled model, fp32 with checkpointing: +49 MiB at
+        // the embedding's backward, 1 x 49).
         long embeddingGradients = t[EmbeddingUnit].Gradients;
         if (t.Tied && embeddingGradients > 0)
         {
-            list.Add(new("embedding_backward", "tied embedding's dense gradient and its sum with the head's", 2 * embeddingGradients,
-                MemoryTier.Device, Phases.BackwardEnd, $"2 x vocab x hidden x {a} B"));
+            int copies = plan.Loss.Chunked ? 1 : 2;
+            list.Add(new("embedding_backward", plan.Loss.Chunked ? "tied embedding's dense gradient" : "tied embedding's dense gradient and its sum with the head's",
+                copies * embeddingGradients, MemoryTier.Device, Phases.BackwardEnd, $"{copies} x vocab x hidden x {a} B"));
         }
 
         // Buffers of sharding and offloading.
@@ -461,6 +478,9 @@ public static class MemoryEstimator
                 quantize > 0 ? $"largest layer weight x {WeightLoadLayout.QuantizeBytesPerValue} B + min(8 MiB, largest stored tensor)" : "min(8 MiB, largest stored tensor)");
         }
     }
+
+    /// <summary>oneMKL's retained panels during CPU training (see the <c>gemm_workspace</c> component).</summary>
+    public const long CpuGemmWorkspaceBytes = 32L << 20;
 
     private static IEnumerable<MemoryComponent> Overhead(RunPlan plan)
     {

@@ -236,18 +236,30 @@ public sealed class MemoryEstimatorTests
     [Fact]
     public void ChunkedLossOnlyHoldsOneChunk()
     {
-        // Fused: one fp32 buffer of a chunk's logits, 4 tokens x 100 x 4 = 1,600, and the gradients the forward pass
-        // computes and backward takes: the hidden states' 6 tokens x 16 x 4 = 384 and the trainable head's 100 x 16 x 4
-        // = 6,400. A chunk larger than the batch holds the batch: 6 x 100 x 4 = 2,400.
-        Assert.Equal(1_600 + 384 + 6_400, ActivationModel.LossBytes(Tiny.Plan() with { Loss = new LossComputation(true, 4) }, 2, 3));
-        Assert.Equal(2_400 + 384 + 6_400, ActivationModel.LossBytes(Tiny.Plan() with { Loss = new LossComputation(true, 100) }, 2, 3));
-        // bf16 LoRA: a frozen 16-bit head, so a chunk of bf16 logits beside the buffer (4 x 100 x (4 + 2) = 2,400) and the
-        // head's fp32 copy for the hidden states' gradient (6,400), but no head gradient.
+        // Fused: one fp32 buffer of a chunk's logits, 4 tokens x 100 x 4 = 1,600, and the hidden states' gradient the
+        // forward pass computes and backward takes, 6 tokens x 16 x 4 = 384. The trainable head's fp32 gradient is its
+        // gradients_head (fp32 here). A chunk larger than the batch holds the batch: 6 x 100 x 4 = 2,400.
+        Assert.Equal(1_600 + 384, ActivationModel.LossBytes(Tiny.Plan() with { Loss = new LossComputation(true, 4) }, 2, 3));
+        Assert.Equal(2_400 + 384, ActivationModel.LossBytes(Tiny.Plan() with { Loss = new LossComputation(true, 100) }, 2, 3));
+        // bf16 full training: a chunk of bf16 logits (and later their bf16 gradient) beside the buffer (4 x 100 x (4 + 2)
+        // = 2,400), the fp32 gradient's half beyond the bf16 gradients_head (100 x 16 x 2 = 3,200) and a chunk's bf16
+        // head gradient before it is added (3,200).
+        Assert.Equal(2_400 + 384 + 3_200 + 3_200, ActivationModel.LossBytes(Tiny.Plan() with
+        {
+            Loss = new LossComputation(true, 4), Precision = Precision.Bf16,
+        }, 2, 3));
+        // fp16 on a CPU: the head's product runs from its fp32 copy, so no 16-bit chunk of logits.
+        Assert.Equal(1_600 + 384 + 6_400 + 3_200, ActivationModel.LossBytes(Tiny.Plan() with
+        {
+            Loss = new LossComputation(true, 4), Precision = Precision.Fp16, Device = ComputeDevice.Cpu,
+        }, 2, 3));
+        // bf16 LoRA: a frozen 16-bit head, so a chunk of bf16 logits beside the buffer (4 x 100 x (4 + 2) = 2,400) and no
+        // head gradient.
         var lora = Tiny.Plan() with
         {
             Loss = new LossComputation(true, 4), Precision = Precision.Bf16, Lora = new LoraSettings(2, 4, ["q_proj"], 0),
         };
-        Assert.Equal(2_400 + 384 + 6_400, ActivationModel.LossBytes(lora, 2, 3));
+        Assert.Equal(2_400 + 384, ActivationModel.LossBytes(lora, 2, 3));
         // Evaluation (a generation plan with a loss): the buffer only.
         Assert.Equal(1_600, ActivationModel.LossBytes(Tiny.Plan() with { Loss = new LossComputation(true, 4), Mode = RunMode.Generate }, 2, 3));
     }

@@ -50,29 +50,43 @@ public sealed class LossAndResumeTests
     }
 
     [Theory]
-    [InlineData(ScalarType.Float32)]
-    [InlineData(ScalarType.BFloat16)]
-    public void ChunkedLossUnderAFrozenHeadGivesOnlyTheHiddenGradient(ScalarType dtype)
+    [InlineData(ScalarType.Float32, false)]
+    [InlineData(ScalarType.BFloat16, false)]
+    [InlineData(ScalarType.Float32, true)]
+    [InlineData(ScalarType.BFloat16, true)]
+    [InlineData(ScalarType.Float16, true)]
+    public void ChunkedLossOfAStandaloneHeadMatchesTheFullLoss(ScalarType dtype, bool trainHead)
     {
-        // LoRA's case: the head is frozen, so the fused pass computes no weight gradient. Reference: the full loss over
-        // the same head's logits widened to fp32 (what the chunked path computes from a 16-bit head), with fresh inputs.
-        using var weight = (randn([97, 24]) * 0.3).to(dtype);
+        // A frozen head is LoRA's case: the fused pass computes no weight gradient. A trainable 16-bit head that this CPU
+        // multiplies natively (bf16 with AVX-512 BF16) takes its gradient products in 16 bits; fp16 here takes them from
+        // the head's fp32 copy. Reference: the full loss over the same head's logits widened to fp32 (what the chunked
+        // path computes), with fresh inputs, and autograd's backward through the 16-bit product.
+        using var weight = (randn([97, 24]) * 0.3).to(dtype).requires_grad_(trainHead);
         using var hidden = (randn([2, 9, 24]) * 0.5).to(dtype).requires_grad_(true);
         using var labels = randint(0, 97, [2, 9], dtype: ScalarType.Int64);
         labels[1, 3] = tensor(TrainingBatch.IgnoreLabel);
         using var chunked = CausalLmLoss.Chunked(hidden, weight, labels, 4);
         (chunked * 0.25).backward();
-        var gradChunked = hidden.grad!.clone();
+        var gradHidden = hidden.grad!.clone();
+        var gradWeight = weight.grad?.clone();
         hidden.grad = null;
+        weight.grad = null;
         using var logits = Matmul16.Linear(hidden, weight).to(ScalarType.Float32);
         using var full = CausalLmLoss.Full(logits, labels);
         (full * 0.25).backward();
-        Assert.Null(weight.grad);
         Assert.Equal(full.item<float>(), chunked.item<float>(), 1e-5 * full.item<float>());
-        // fp32: rounding of sums in another order. bf16: the hidden gradient is rounded to bf16 (8 bits) at the end on
-        // both paths, from fp32 values that differ by rounding only, so an element may differ by one bf16 step (2^-8).
+        // fp32: rounding of sums in another order. 16-bit: both gradients end in the 16-bit dtype, from products of
+        // operands rounded to it (8 significant bits for bf16, 11 for fp16), summed in another order, so elements
+        // differ by about one 16-bit step (2^-8 relative for bf16).
         double tolerance = dtype == ScalarType.Float32 ? 1e-5 : 1e-2;
-        Assert.True(TensorAssert.RelativeError(gradChunked.to(ScalarType.Float32), hidden.grad!.to(ScalarType.Float32)) < tolerance);
+        Assert.True(TensorAssert.RelativeError(gradHidden.to(ScalarType.Float32), hidden.grad!.to(ScalarType.Float32)) < tolerance);
+        if (!trainHead)
+        {
+            Assert.Null(gradWeight);
+            return;
+        }
+        Assert.Equal(dtype, gradWeight!.dtype);
+        Assert.True(TensorAssert.RelativeError(gradWeight.to(ScalarType.Float32), weight.grad!.to(ScalarType.Float32)) < tolerance);
     }
 
     [Theory]
