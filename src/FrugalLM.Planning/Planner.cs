@@ -161,6 +161,7 @@ public static class Planner
             SequenceLength = request.SequenceLength,
             Device = gpu.Device,
             Overhead = request.Overhead,
+            Loss = LossComputation.ChunkedDefault, // frugal train's default loss: the plans are of what it runs
         };
         if (request.Task == PlanTask.Infer)
         {

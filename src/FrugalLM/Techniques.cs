@@ -97,6 +97,13 @@ public static class Techniques
         var offload = plan.StreamsWeights ? DiskOffload.Apply(model, weights!, new DiskOffloadOptions { ResidentLayers = plan.Offload.ResidentLayers })
             : plan.StreamsFromHost ? HostOffload.Apply(model)
             : null;
+        // Replacing parameters (precision, quantization, LoRA, streaming) leaves C# wrappers of the replaced tensors that
+        // only their finalizers release; until a collection runs, their native storage stays. Measured on llama-100m in
+        // bf16 mixed precision: the fp32 weights as loaded (382 MiB) outlived the first training step, whose peak they
+        // raised by as much (1962 MiB above the baseline against 1584 with this collection).
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        GC.Collect();
         return new AppliedTechniques(precision, lora, offload);
     }
 }

@@ -48,7 +48,7 @@ internal static class BenchChild
         long baseline = report.Plan.Overhead.RuntimeBaselineBytes;
         MemoryProbe.ResetPeak();
         // A streamed base is created in its compute dtype with the streamed layers never loaded, as frugal train does.
-        using var model = checkpoint.CreateModel(plan.StreamsWeights ? InferenceModel.WeightDtype(plan.Precision) : ScalarType.Float32, Int8(plan), Streamed(plan));
+        using var model = checkpoint.CreateModel(InferenceModel.TrainingLoadDtype(plan), Int8(plan), Streamed(plan));
         using var applied = Techniques.Apply(model, plan, c.Seed, weights: checkpoint);
         // FSDP last, as frugal train wraps it; every rank runs the same batches (the measure is one rank's memory and speed).
         using var collectives = plan.Sharding.Strategy == ShardingStrategy.None ? null : Collectives.Create();

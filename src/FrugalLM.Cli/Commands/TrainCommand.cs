@@ -195,7 +195,7 @@ internal static class TrainCommand
 
             // A streamed base is created in the compute dtype (so that no precision step converts, and so touches, the
             // weights it never loads) with the streamed layers' tensors left unloaded.
-            using var lm = checkpoint?.CreateModel(plan.StreamsWeights && plan.ComputeBytes == 2 ? plan.Precision == Precision.Fp16 ? TorchSharp.torch.ScalarType.Float16 : TorchSharp.torch.ScalarType.BFloat16 : TorchSharp.torch.ScalarType.Float32,
+            using var lm = checkpoint?.CreateModel(InferenceModel.TrainingLoadDtype(plan),
                 plan.Quantization.Kind == QuantizationKind.Int8
                 ? new Quantization.Int8Options { Threshold = plan.Quantization.OutlierThreshold, Skip = plan.Quantization.SkipModules }
                 : null, plan.StreamsWeights ? Offload.DiskOffload.Streamed(plan.Offload.ResidentLayers) : null) ?? CausalLM.Create(architecture);
