@@ -212,12 +212,14 @@ internal static class BenchCommand
     private static void Write(string folder, IReadOnlyList<BenchResult> results, IEnumerable<string> arguments, PeerRunner? peer)
     {
         AtomicFile.Write(Path.Combine(folder, "results.json"), s => JsonSerializer.Serialize(s, results, Json));
+        // The runs' processes chose oneMKL's dispatch; this one decides it the same way once libtorch is loaded.
+        FrugalLM.Native.TorchRuntime.Initialize();
         var header = new StringBuilder();
         header.AppendLine("# frugal bench results");
         header.AppendLine();
         header.AppendLine(CultureInfo.InvariantCulture, $"- command: `./frugal bench {string.Join(' ', arguments)}`");
         header.AppendLine(CultureInfo.InvariantCulture, $"- machine: {Machine()}");
-        header.AppendLine(CultureInfo.InvariantCulture, $"- FrugalLM on .NET {Environment.Version}, TorchSharp {typeof(TorchSharp.torch).Assembly.GetName().Version} (oneMKL: {FrugalLM.Native.MklDispatch.Status ?? "not loaded"}); peer: {peer?.Version ?? "none"}");
+        header.AppendLine(CultureInfo.InvariantCulture, $"- FrugalLM on .NET {Environment.Version}, TorchSharp {typeof(TorchSharp.torch).Assembly.GetName().Version} (oneMKL: {FrugalLM.Native.MklDispatch.Status}); peer: {peer?.Version ?? "none"}");
         header.AppendLine(CultureInfo.InvariantCulture, $"- date: {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
         header.AppendLine();
         header.Append(BenchReport.Markdown(results));
