@@ -74,7 +74,11 @@ public sealed class LossAndResumeTests
         using var logits = Matmul16.Linear(hidden, weight).to(ScalarType.Float32);
         using var full = CausalLmLoss.Full(logits, labels);
         (full * 0.25).backward();
-        Assert.Equal(full.item<float>(), chunked.item<float>(), 1e-5 * full.item<float>());
+        // fp32 and bf16: the same logits, summed in another order (fp32 rounding). fp16 with a trainable head: the chunked
+        // path takes its logits from the head's fp32 copy, the reference rounds each to fp16 (2^-11 relative), so the loss
+        // moves by about that (measured 1.2e-5 relative on one draw).
+        double lossTolerance = dtype == ScalarType.Float16 && trainHead ? 1e-3 : 1e-5;
+        Assert.Equal(full.item<float>(), chunked.item<float>(), lossTolerance * full.item<float>());
         // fp32: rounding of sums in another order. 16-bit: both gradients end in the 16-bit dtype, from products of
         // operands rounded to it (8 significant bits for bf16, 11 for fp16), summed in another order, so elements
         // differ by about one 16-bit step (2^-8 relative for bf16).
