@@ -102,10 +102,10 @@ public static class TorchRuntime
     }
 
     // oneMKL keeps the panels it packs a product's operands into (its "fast memory manager") and reuses them for every
-    // later product: tens of MiB once a product is larger than its blocking sizes (measured on the bundled model with
-    // feature dispatch: 24 MiB resident between training steps, gone with MKL_DISABLE_FAST_MM=1, which only moves them
-    // into each large product's own peak). The tiny products above never fill them; products of a few hundred rows and
-    // columns in every operand layout and 16-bit kind do, so the baseline holds them as the runtime's.
+    // later product. The tiny products above never fill them; these, of a decoder layer's size in every operand layout
+    // and in bf16, fill what layer-sized products need (measured: +4.5 MiB in the baseline), so the baseline holds that
+    // part as the runtime's. What a model's larger products add (the LM head's: 16-39 MiB, growing with its shape) is
+    // the estimator's gemm_workspace.
     private static void WarmUpGemmBuffers()
     {
         using var scope = torch.NewDisposeScope();

@@ -53,11 +53,12 @@ public static class CausalLmLoss
         return ChunkedCrossEntropy.apply(flat, headWeight, targets, chunk);
     }
 
-    // fp32 logits of one chunk into `into`. A head kept in fp32 (Fp32NormsAndHead) takes widened hidden states, as its
-    // Fp32Linear module does; a 16-bit head computes at its own precision and its logits are widened after, unless this
-    // CPU computes its dtype in fp32 anyway (Matmul16.Upcasts: fp16 here) and the head's fp32 copy exists for the
-    // gradients: then the product of the widened operands is what Matmul16 would compute, without its fp32 tiles of the
-    // weight and its 16-bit logits (measured: fp16 training of the bundled model peaked 55 MiB over the estimate).
+    // fp32 logits of one chunk into `into`, for a head that is not computed natively in 16 bits (MultipliesNatively16
+    // heads use FusedChunks' 16-bit buffer). A head kept in fp32 (Fp32NormsAndHead) takes widened hidden states, as its
+    // Fp32Linear module does. A 16-bit head this CPU computes in fp32 anyway (Matmul16.Upcasts: fp16 here) takes the
+    // product of the widened operands when the head's fp32 copy exists for the gradients: what Matmul16 would compute,
+    // without its fp32 tiles of the weight and its 16-bit logits (measured: fp16 training of the bundled model peaked 55
+    // MiB over the estimate); without the copy (no gradients), Matmul16's product, widened after.
     private static void Logits(Tensor hidden, Tensor weight, Tensor? weight32, Tensor into)
     {
         if (weight.dtype == ScalarType.Float32 || (weight32 is not null && Matmul16.Upcasts(weight.dtype)))
@@ -73,6 +74,10 @@ public static class CausalLmLoss
         }
     }
 
+    // A 16-bit head whose products this CPU computes natively (bf16 with AVX-512 BF16, not fp16).
+    private static bool MultipliesNatively16(Tensor weight) =>
+        weight.dtype != ScalarType.Float32 && !Matmul16.Upcasts(weight.dtype);
+
     /// <summary>Gradients a fused pass fills in: of the hidden states [N, hidden] and of the head weight, or null for a frozen head.</summary>
     private sealed record FusedGradients(Tensor Hidden, Tensor? Weight);
 
@@ -86,7 +91,7 @@ public static class CausalLmLoss
         // A 16-bit head this CPU multiplies natively takes its gradients' products in 16 bits too (the logits' gradient
         // rounded to the head's dtype, fp32 accumulation across chunks), as autocast's backward does: twice as fast as
         // the fp32 products here (AVX-512 BF16), and no fp32 copy of the head. Otherwise the products are fp32.
-        bool native16 = weight.dtype != ScalarType.Float32 && !Matmul16.Upcasts(weight.dtype);
+        bool native16 = MultipliesNatively16(weight);
         using var weight32 = gradients is null || native16 ? null : weight.dtype == ScalarType.Float32 ? weight.alias() : weight.to(ScalarType.Float32);
         // The 16-bit chunk (logits, then their gradient) and the chunk's [hidden, vocab] head gradient, allocated once and
         // written in place by every chunk: fresh ones per chunk were three page-faulted allocations of a chunk's size each
@@ -101,9 +106,11 @@ public static class CausalLmLoss
             var y = labels.narrow(0, start, size);
             var logits = buffer.narrow(0, 0, size);
             var logits16 = buffer16?.narrow(0, 0, size);
+            // The chunk's hidden states in the head's dtype (norms kept in fp32 hand over fp32 ones).
+            var h16 = native16 ? h.to(weight.dtype) : null;
             if (logits16 is not null)
             {
-                logits16.addmm_(h, weight.t(), beta: 0);
+                logits16.addmm_(h16!, weight.t(), beta: 0);
                 logits.copy_(logits16);
             }
             else
@@ -142,8 +149,7 @@ public static class CausalLmLoss
                     // into a contiguous one first (measured: +25 MiB on the bundled model); h is only [chunk, hidden].
                     // The accumulator has the same [hidden, vocab] layout (NativeAccumulator), so the adds run along
                     // memory; read across it they took 6% of a bf16 step.
-                    using var h16 = h.to(weight.dtype);
-                    using var h16T = h16.t();
+                    using var h16T = h16!.t();
                     products16!.addmm_(h16T, d16, beta: 0);
                     using var dw16 = products16.t();
                     AddWidened(gw16, dw16, overwrite: start == 0);
@@ -206,7 +212,7 @@ public static class CausalLmLoss
             var gradients = new FusedGradients(
                 empty(hidden.shape, dtype: ScalarType.Float32),
                 !weight.requires_grad ? null
-                    : weight.dtype != ScalarType.Float32 && !Matmul16.Upcasts(weight.dtype) ? NativeAccumulator(weight)
+                    : MultipliesNatively16(weight) ? NativeAccumulator(weight)
                     : empty(weight.shape, dtype: ScalarType.Float32));
             ctx.save_data("gradients", gradients);
             ctx.save_data("hidden_dtype", hidden.dtype);
