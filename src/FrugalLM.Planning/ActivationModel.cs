@@ -150,49 +150,53 @@ public static class ActivationModel
     {
         ArgumentNullException.ThrowIfNull(plan);
         long tokens = checked(batch * sequence);
-        if (!plan.Loss.Chunked)
-        {
-            return checked(tokens * plan.Model.VocabSize * (3 * Fp32 + LogitsBytes16(plan)));
-        }
-        long chunk = Math.Min(tokens, plan.Loss.ChunkTokens);
-        long vocab = plan.Model.VocabSize, hidden = plan.Model.HiddenSize;
-        bool head16 = plan.ComputeBytes < Fp32 && !plan.HeadInFp32;
-        bool train = plan.Mode == RunMode.Train;
-        long bytes = checked(chunk * vocab * (Fp32 + (head16 && !(train && UpcastsFp16(plan)) ? plan.ComputeBytes : 0)));
-        if (train)
-        {
-            // A natively computed 16-bit head: a chunk's 16-bit gradient (as large as its 16-bit logits, counted above)
-            // and, when trainable, each chunk's 16-bit weight gradient before it is added to the fp32 one. An fp16 head on
-            // a CPU: its fp32 copy.
-            bool native16 = head16 && !UpcastsFp16(plan);
-            bytes += checked(tokens * hidden * Fp32 + (head16 && !native16 ? vocab * hidden * Fp32 : 0)
-                + (plan.Lora is null ? vocab * hidden * (Fp32 - (plan.HeadInFp32 ? Fp32 : plan.ComputeBytes) + (native16 ? plan.ComputeBytes : 0)) : 0));
-        }
-        return bytes;
+        return plan.Loss.Chunked
+            ? FusedLossTerms(plan, tokens).Sum(t => t.Bytes)
+            : checked(tokens * plan.Model.VocabSize * (3 * Fp32 + LogitsBytes16(plan)));
     }
-
-    private static bool UpcastsFp16(RunPlan plan) => plan.Device == ComputeDevice.Cpu && plan.Precision == Precision.Fp16;
 
     /// <summary>The formula of <see cref="LossBytes"/> for reports.</summary>
     public static string LossFormula(RunPlan plan)
     {
         ArgumentNullException.ThrowIfNull(plan);
-        if (!plan.Loss.Chunked)
-        {
-            return $"b x s x vocab x (12 + {LogitsBytes16(plan)}) B";
-        }
-        bool head16 = plan.ComputeBytes < Fp32 && !plan.HeadInFp32;
-        bool train = plan.Mode == RunMode.Train;
-        var text = $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x {Fp32 + (head16 && !(train && UpcastsFp16(plan)) ? plan.ComputeBytes : 0)} B";
-        if (train)
-        {
-            bool native16 = head16 && !UpcastsFp16(plan);
-            text += " + b x s x hidden x 4 B" + (head16 && !native16 ? " + vocab x hidden x 4 B (fp32 head)" : "")
-                + (plan.Lora is null && head16 ? $" + vocab x hidden x {Fp32 - plan.ComputeBytes} B (fp32 head gradient beyond gradients_head)" : "")
-                + (plan.Lora is null && native16 ? $" + vocab x hidden x {plan.ComputeBytes} B (a chunk's 16-bit head gradient)" : "");
-        }
-        return text;
+        return plan.Loss.Chunked
+            ? string.Join(" + ", FusedLossTerms(plan, 0).Select(t => t.Formula))
+            : $"b x s x vocab x (12 + {LogitsBytes16(plan)}) B";
     }
+
+    // The fused chunked loss's terms, bytes at `tokens` tokens and their formula (see LossBytes).
+    private static IEnumerable<(long Bytes, string Formula)> FusedLossTerms(RunPlan plan, long tokens)
+    {
+        long chunk = Math.Min(tokens, plan.Loss.ChunkTokens);
+        long vocab = plan.Model.VocabSize, hidden = plan.Model.HiddenSize, a = plan.ComputeBytes;
+        bool head16 = a < Fp32 && !plan.HeadInFp32;
+        bool train = plan.Mode == RunMode.Train;
+        // A natively computed 16-bit head: its chunk of 16-bit logits, later of their gradient, and when trainable each
+        // chunk's 16-bit weight gradient before it is added to the fp32 one. An fp16 head on a CPU trains from its fp32
+        // copy instead (and evaluates through Matmul16, whose 16-bit logits count).
+        bool native16 = head16 && !UpcastsFp16(plan);
+        long perLogit = Fp32 + (head16 && !(train && UpcastsFp16(plan)) ? a : 0);
+        yield return (checked(chunk * vocab * perLogit), $"min(b x s, {plan.Loss.ChunkTokens}) x vocab x {perLogit} B");
+        if (!train)
+        {
+            yield break;
+        }
+        yield return (checked(tokens * hidden * Fp32), "b x s x hidden x 4 B");
+        if (head16 && !native16)
+        {
+            yield return (checked(vocab * hidden * Fp32), "vocab x hidden x 4 B (fp32 head)");
+        }
+        if (plan.Lora is null && head16)
+        {
+            yield return (checked(vocab * hidden * (Fp32 - a)), $"vocab x hidden x {Fp32 - a} B (fp32 head gradient beyond gradients_head)");
+        }
+        if (plan.Lora is null && native16)
+        {
+            yield return (checked(vocab * hidden * a), $"vocab x hidden x {a} B (a chunk's 16-bit head gradient)");
+        }
+    }
+
+    private static bool UpcastsFp16(RunPlan plan) => plan.Device == ComputeDevice.Cpu && plan.Precision == Precision.Fp16;
 
     /// <summary>
     /// Bytes per logit of 16-bit logits that live beside the fp32 ones: only fp16 on a CPU, whose head runs through
@@ -204,7 +208,7 @@ public static class ActivationModel
     public static long LogitsBytes16(RunPlan plan)
     {
         ArgumentNullException.ThrowIfNull(plan);
-        return plan.Device == ComputeDevice.Cpu && plan.Precision == Precision.Fp16 && !plan.HeadInFp32 ? plan.ComputeBytes : 0;
+        return UpcastsFp16(plan) && !plan.HeadInFp32 ? plan.ComputeBytes : 0;
     }
 
     /// <summary>
