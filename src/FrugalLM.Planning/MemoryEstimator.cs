@@ -266,8 +266,13 @@ public static class MemoryEstimator
         list.Add(new("optimizer_states", $"{PlanNames.Format(plan.Optimizer)} states", t.Sharded(u => u.States, ranks),
             offload.OptimizerStates, Phases.All, OptimizerFormula(plan) + per) { Placed = placed.OptimizerStates });
 
-        // The host step (HostAdamWKernel) updates masters and moments in place: no temporaries to count.
-        if (plan.Optimizer != OptimizerKind.None && t.TrainableCount > 0 && !plan.Offload.StepsOnHost)
+        // The host step (HostAdamWKernel) updates masters and moments in place: no temporaries to count. So does AdamW's
+        // fused CPU step (the same kernel) wherever it applies.
+        bool moments16Bit = plan.OptimizerStateBytes < 4 && plan.Optimizer == OptimizerKind.AdamW;
+        bool parameter16Bit = a < 4 && !plan.UsesMasterWeights;
+        bool fusedStep = plan.Optimizer is OptimizerKind.AdamW or OptimizerKind.AdamW8bit
+            && OptimizerStepLayout.Fused(plan.Device == ComputeDevice.Cpu, moments16Bit, parameter16Bit);
+        if (plan.Optimizer != OptimizerKind.None && t.TrainableCount > 0 && !plan.Offload.StepsOnHost && !fusedStep)
         {
             // The step walks the tensors one at a time, each in chunks (OptimizerStepLayout); under sharding its tensors
             // are each unit's flat shard.
@@ -277,9 +282,9 @@ public static class MemoryEstimator
             long perValue = adam
                 ? OptimizerStepLayout.TemporaryBytesPerValue(
                     gradient16Bit: a < 4,
-                    moments16Bit: plan.OptimizerStateBytes < 4 && plan.Optimizer == OptimizerKind.AdamW,
+                    moments16Bit: moments16Bit,
                     moments8Bit: plan.Optimizer == OptimizerKind.AdamW8bit,
-                    parameter16Bit: a < 4 && !plan.UsesMasterWeights)
+                    parameter16Bit: parameter16Bit)
                 : (a < 4 ? 4L : 0L); // SGD: the fp32 copy of a 16-bit gradient
             list.Add(new("optimizer_step", "optimizer step temporaries (one chunk)", chunk * perValue,
                 offload.OptimizerStates == MemoryTier.Device ? MemoryTier.Device : MemoryTier.Host, Phases.OptimizerStep,

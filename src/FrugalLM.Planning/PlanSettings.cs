@@ -167,6 +167,12 @@ public static class OptimizerStepLayout
     public const long ChunkElements = 1L << 20;
 
     /// <summary>
+    /// Whether the runtime's AdamW updates in place with its fused kernel, so the step has no temporaries: on the CPU, with
+    /// fp32 values (parameters or masters) and fp32 or 8-bit moments (the runtime's <c>AdamW.FusedCpuStep</c> rule).
+    /// </summary>
+    public static bool Fused(bool cpu, bool moments16Bit, bool parameter16Bit) => cpu && !moments16Bit && !parameter16Bit;
+
+    /// <summary>
     /// Peak bytes of fp32 temporaries per value of a chunk the runtime's AdamW holds at once: the scaled gradient
     /// (and its fp32 copy when the gradient is 16-bit), the denominator, fp32 working copies of moments stored
     /// in 16 or 8 bits (with 8-bit codes widened to int64 while they are decoded and encoded), and of a

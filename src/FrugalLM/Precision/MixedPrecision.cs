@@ -1,4 +1,5 @@
 using FrugalLM.Models;
+using FrugalLM.Native;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -196,8 +197,8 @@ public sealed class MixedPrecision : IDisposable
     public double Unscale => Scaler is null ? 1.0 : 1.0 / Scaler.Scale;
 
     /// <summary>
-    /// L2 norm of all (unscaled) gradients, computed in fp32 tensor by tensor; infinite or NaN when any
-    /// gradient overflowed.
+    /// L2 norm of all (unscaled) gradients: sums of squares in double over CPU gradients' memory
+    /// (<see cref="SumOfSquares"/>), fp32 norms through libtorch elsewhere; infinite or NaN when any gradient overflowed.
     /// </summary>
     public double GradientNorm()
     {
@@ -206,6 +207,11 @@ public sealed class MixedPrecision : IDisposable
         {
             if (GradientOf(p) is Tensor g)
             {
+                if (SumOfSquares.TryCompute(g, get_num_threads(), out double squares))
+                {
+                    sum += squares * Unscale * Unscale;
+                    continue;
+                }
                 using var scope = NewDisposeScope();
                 double n = g.to(ScalarType.Float32).norm().item<float>() * Unscale;
                 sum += n * n;

@@ -2,6 +2,7 @@ using FrugalLM.Distributed;
 using FrugalLM.IO;
 using FrugalLM.Models;
 using FrugalLM.Models.Llama;
+using FrugalLM.Native;
 using FrugalLM.Planning;
 using FrugalLM.Precision;
 using FrugalLM.Training;
@@ -194,28 +195,47 @@ public sealed class ShardedModel : IDisposable
     }
 
     /// <summary>
-    /// The global L2 norm of the shard gradients, times <paramref name="scale"/>: each rank's sum of squares, all-reduced.
+    /// The global L2 norm of the shard gradients, times <paramref name="scale"/>: each rank's sum of squares, gathered and
+    /// added in double.
     /// Padding contributes zeros, so this equals the norm of the unsharded gradients up to summation order.
     /// </summary>
     public double GradientNorm(double scale = 1.0)
     {
         using var scope = NewDisposeScope();
-        // Each shard's norm in fp32 (no float64 copy of a shard, which for the embedding's would be hundreds of MiB),
-        // squared and summed in float64.
+        // Each shard's sum of squares in double over its memory (MixedPrecision.GradientNorm's way, so a rank and the
+        // plain trainer round alike); elsewhere its norm in fp32 (no float64 copy of a shard, which for the embedding's
+        // would be hundreds of MiB), squared and summed in float64.
         double sum = 0;
         foreach (var flat in AllFlats)
         {
             if (flat.Shard.grad is Tensor g)
             {
+                if (SumOfSquares.TryCompute(g, get_num_threads(), out double shardSquares))
+                {
+                    sum += shardSquares;
+                    continue;
+                }
                 double n = g.norm().item<float>();
                 sum += n * n;
             }
         }
-        var squares = tensor(new[] { (float)sum });
+        // The rank's sum travels as two floats (hi + lo keep ~48 bits of the double); every rank gathers all of them and
+        // adds them in double in rank order, so every rank gets the same total, and a single rank the unsharded
+        // trainer's. An fp32 all-reduce rounded the total to 24 bits: the clipping factor moved by ~1e-7, which fp16
+        // compute weights amplified past 1e-4 in the embedding against the plain trainer.
+        float high = (float)sum;
+        using var mine = tensor(new[] { high, (float)(sum - high) });
+        using var all = zeros(2L * Collectives.WorldSize);
         communication.Start();
-        Collectives.AllReduce(squares, ReduceOp.Sum);
+        Collectives.AllGather(mine, all);
         communication.Stop();
-        return Math.Sqrt(squares.item<float>()) * scale;
+        var parts = all.data<float>().ToArray();
+        double total = 0;
+        for (int r = 0; r < parts.Length; r += 2)
+        {
+            total += (double)parts[r] + parts[r + 1];
+        }
+        return Math.Sqrt(total) * scale;
     }
 
     /// <summary>Sums <paramref name="value"/> over ranks (losses and token counts; fp32, exact for integers below 2^24).</summary>

@@ -1,6 +1,7 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
+using FrugalLM.Native;
 using FrugalLM.Planning;
 
 namespace FrugalLM.Training;
@@ -76,6 +77,32 @@ internal unsafe struct HostStepTensor
     public double WeightDecay;
 
     public readonly bool EightBit => AvgCodes != null;
+
+    /// <summary>The parts every step has: the fp32 values updated in place, their decay, and the moments (dense fp32, or 8-bit
+    /// codes with their scales) as <see cref="AdamW.MomentTensors"/> gives them; the caller adds the gradient and any copy.</summary>
+    public static HostStepTensor Of(TorchSharp.torch.Tensor target, double weightDecay,
+        (TorchSharp.torch.Tensor ExpAvg, TorchSharp.torch.Tensor ExpAvgSq, TorchSharp.torch.Tensor? AvgScale, TorchSharp.torch.Tensor? AvgSqScale) moments)
+    {
+        var t = new HostStepTensor
+        {
+            Parameter = (float*)TensorMemory.Pointer(target),
+            Count = target.numel(),
+            WeightDecay = weightDecay,
+        };
+        if (moments.AvgScale is null)
+        {
+            t.ExpAvg = (float*)TensorMemory.Pointer(moments.ExpAvg);
+            t.ExpAvgSq = (float*)TensorMemory.Pointer(moments.ExpAvgSq);
+        }
+        else
+        {
+            t.AvgCodes = TensorMemory.Pointer(moments.ExpAvg);
+            t.AvgScales = (float*)TensorMemory.Pointer(moments.AvgScale);
+            t.AvgSqCodes = TensorMemory.Pointer(moments.ExpAvgSq);
+            t.AvgSqScales = (float*)TensorMemory.Pointer(moments.AvgSqScale!);
+        }
+        return t;
+    }
 }
 
 /// <summary>
@@ -89,6 +116,9 @@ internal static unsafe class HostAdamWKernel
 {
     /// <summary>Values per piece: one 8-bit block, so a piece's moments fit two stack buffers in L1.</summary>
     public const int Piece = AdamW8bitLayout.BlockSize;
+
+    /// <summary>Values per unit of parallel work: whole 8-bit blocks, large enough to amortize the scheduling.</summary>
+    public const long ChunkValues = 32 * Piece;
 
     private static readonly float[] SignedCodes = BlockwiseQuantizer.DynamicMap(signed: true);
     private static readonly float[] UnsignedCodes = BlockwiseQuantizer.DynamicMap(signed: false);
@@ -153,6 +183,51 @@ internal static unsafe class HostAdamWKernel
         }
         return squares;
     }
+
+    /// <summary>
+    /// Steps every tensor of <paramref name="work"/>, each cut into chunks of <see cref="ChunkValues"/>, all chunks in
+    /// parallel on <paramref name="threads"/> threads; returns the gradients' sum of squares, added in chunk order (the
+    /// same sum whatever the scheduling).
+    /// </summary>
+    public static double StepAll(HostStepScalars s, IReadOnlyList<HostStepTensor> work, int threads)
+    {
+        var chunks = new List<(int Tensor, long Start, long Length)>();
+        for (int i = 0; i < work.Count; i++)
+        {
+            for (long start = 0; start < work[i].Count; start += ChunkValues)
+            {
+                chunks.Add((i, start, Math.Min(ChunkValues, work[i].Count - start)));
+            }
+        }
+        var sums = new double[chunks.Count];
+        Parallel.For(0, chunks.Count, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, threads) }, c =>
+        {
+            var (tensor, start, length) = chunks[c];
+            // The step threads are the parallelism: oneMKL's square roots run on the calling thread alone.
+            int previous = SetLocalMklThreads != null ? SetLocalMklThreads(1) : 0;
+            try
+            {
+                sums[c] = Step(s, work[tensor], start, length);
+            }
+            finally
+            {
+                if (SetLocalMklThreads != null)
+                {
+                    SetLocalMklThreads(previous);
+                }
+            }
+        });
+        return sums.Sum();
+    }
+
+    /// <summary>The kernel's name for a tensor element type (<see cref="HostDtype.None"/> for one it does not read).</summary>
+    public static HostDtype DtypeOf(TorchSharp.torch.ScalarType type) => type switch
+    {
+        TorchSharp.torch.ScalarType.Float32 => HostDtype.Float32,
+        TorchSharp.torch.ScalarType.BFloat16 => HostDtype.BFloat16,
+        TorchSharp.torch.ScalarType.Float16 => HostDtype.Float16,
+        _ => HostDtype.None,
+    };
 
     private static long RoundUp(long count) => (count + Piece - 1) / Piece * Piece;
 
@@ -257,16 +332,29 @@ internal static unsafe class HostAdamWKernel
 
     private static readonly delegate* unmanaged<int, float*, float*, long, void> VmsSqrt = FindVmsSqrt();
 
+    // MKL_Set_Num_Threads_Local(n), what mkl.h's mkl_set_num_threads_local names (the lowercase export is the Fortran
+    // entry, which takes a pointer): oneMKL's thread count for the calling thread only; returns the previous one (0: the
+    // global setting). vmsSqrt runs its own OpenMP team otherwise: called from two step threads on two cores, the teams
+    // oversubscribed them and the bf16 step of the bundled model took 66-133 ms instead of 20-37.
+    private static readonly delegate* unmanaged<int, int> SetLocalMklThreads = FindExport<int, int>("MKL_Set_Num_Threads_Local");
+
     private static delegate* unmanaged<int, float*, float*, long, void> FindVmsSqrt()
     {
         if (Environment.GetEnvironmentVariable("FRUGAL_HOST_IEEE_SQRT") == "1")
         {
             return null;
         }
+        return TryGetTorchExport("vmsSqrt", out var function) ? (delegate* unmanaged<int, float*, float*, long, void>)function : null;
+    }
+
+    private static delegate* unmanaged<TArgument, TResult> FindExport<TArgument, TResult>(string name) =>
+        TryGetTorchExport(name, out var function) ? (delegate* unmanaged<TArgument, TResult>)function : null;
+
+    private static bool TryGetTorchExport(string name, out nint function)
+    {
+        function = 0;
         return NativeLibrary.TryLoad("torch_cpu", typeof(HostAdamWKernel).Assembly, null, out var library)
-            && NativeLibrary.TryGetExport(library, "vmsSqrt", out var function)
-            ? (delegate* unmanaged<int, float*, float*, long, void>)function
-            : null;
+            && NativeLibrary.TryGetExport(library, name, out function);
     }
 
     private static void SquareRoot(float* values, float* roots, int n)

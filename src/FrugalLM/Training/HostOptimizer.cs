@@ -33,7 +33,7 @@ public sealed record HostOptimizerStats(long Steps, long OverlappedSteps, TimeSp
 public sealed unsafe class HostOptimizer
 {
     /// <summary>Values per unit of parallel work: whole 8-bit blocks, large enough to amortize the scheduling.</summary>
-    public const long ChunkValues = 32 * HostAdamWKernel.Piece;
+    public const long ChunkValues = HostAdamWKernel.ChunkValues;
 
     private readonly AdamW optimizer;
     private readonly MixedPrecision precision;
@@ -197,13 +197,7 @@ public sealed unsafe class HostOptimizer
             {
                 continue;
             }
-            var (avg, avgSq, avgScale, avgSqScale) = slot.Moments;
-            var t = new HostStepTensor
-            {
-                Parameter = (float*)TensorMemory.Pointer(slot.Target),
-                Count = slot.Target.numel(),
-                WeightDecay = slot.WeightDecay,
-            };
+            var t = HostStepTensor.Of(slot.Target, slot.WeightDecay, slot.Moments);
             if (gradient is null)
             {
                 t.Gradient = TensorMemory.Pointer(accumulated!);
@@ -214,18 +208,6 @@ public sealed unsafe class HostOptimizer
                 t.Gradient = TensorMemory.Pointer(gradient);
                 t.GradientDtype = DtypeOf(gradient);
                 t.Accumulated = accumulated is null ? null : (float*)TensorMemory.Pointer(accumulated);
-            }
-            if (avgScale is null)
-            {
-                t.ExpAvg = (float*)TensorMemory.Pointer(avg);
-                t.ExpAvgSq = (float*)TensorMemory.Pointer(avgSq);
-            }
-            else
-            {
-                t.AvgCodes = TensorMemory.Pointer(avg);
-                t.AvgScales = (float*)TensorMemory.Pointer(avgScale);
-                t.AvgSqCodes = TensorMemory.Pointer(avgSq);
-                t.AvgSqScales = (float*)TensorMemory.Pointer(avgSqScale!);
             }
             if (slot.Master is not null)
             {
@@ -247,34 +229,11 @@ public sealed unsafe class HostOptimizer
         return gradient;
     }
 
-    private static HostDtype DtypeOf(Tensor t) => t.dtype switch
-    {
-        ScalarType.Float32 => HostDtype.Float32,
-        ScalarType.BFloat16 => HostDtype.BFloat16,
-        ScalarType.Float16 => HostDtype.Float16,
-        var other => throw new ArgumentException($"the host optimizer reads fp32, bf16 or fp16 (got {other})"),
-    };
+    private static HostDtype DtypeOf(Tensor t) => HostAdamWKernel.DtypeOf(t.dtype) is var d && d != HostDtype.None
+        ? d
+        : throw new ArgumentException($"the host optimizer reads fp32, bf16 or fp16 (got {t.dtype})");
 
-    // Every tensor cut into chunks, all chunks in parallel; the sum of squares is added in chunk order (deterministic).
-    private double Run(HostStepTensor[] work)
-    {
-        var chunks = new List<(int Tensor, long Start, long Length)>();
-        for (int i = 0; i < work.Length; i++)
-        {
-            for (long start = 0; start < work[i].Count; start += ChunkValues)
-            {
-                chunks.Add((i, start, Math.Min(ChunkValues, work[i].Count - start)));
-            }
-        }
-        var sums = new double[chunks.Count];
-        var s = scalars;
-        Parallel.For(0, chunks.Count, new ParallelOptions { MaxDegreeOfParallelism = Threads }, c =>
-        {
-            var (tensor, start, length) = chunks[c];
-            sums[c] = HostAdamWKernel.Step(s, work[tensor], start, length);
-        });
-        return sums.Sum();
-    }
+    private double Run(HostStepTensor[] work) => HostAdamWKernel.StepAll(scalars, work, Threads);
 
     private sealed record Slot(string Name, Tensor Target, TorchSharp.Modules.Parameter Model, Tensor? Master, double WeightDecay,
         (Tensor ExpAvg, Tensor ExpAvgSq, Tensor? AvgScale, Tensor? AvgSqScale) Moments);

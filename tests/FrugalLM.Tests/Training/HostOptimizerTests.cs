@@ -11,9 +11,10 @@ using PrecisionMode = FrugalLM.Planning.Precision;
 namespace FrugalLM.Tests.Training;
 
 /// <summary>
-/// The host optimizer (--offload optimizer) against the in-memory AdamW. Its kernel performs the libtorch ops' fp32
-/// operations in the same order (lerp fused, addcmul and addcdiv not, scalars rounded to fp32), and forward and
-/// backward are the same libtorch calls, so the tolerance is zero: every weight, master and moment must be bit-identical.
+/// The host kernel (--offload optimizer, and AdamW's fused CPU step) against AdamW's libtorch ops. The kernel performs the
+/// ops' fp32 operations in the same order (lerp fused, addcmul and addcdiv not, scalars rounded to fp32, libtorch's own
+/// square root), and forward and backward are the same libtorch calls, so the tolerance is zero: every weight, master
+/// and moment must be bit-identical. Every reference below runs the libtorch ops (<see cref="AdamW.FusedCpuStep"/> off).
 /// </summary>
 public sealed class HostOptimizerTests
 {
@@ -45,15 +46,9 @@ public sealed class HostOptimizerTests
     [InlineData(MomentFormat.Float32, PrecisionMode.Fp16, 0.5)]
     public void StepsAreBitIdenticalToLibtorchAdamW(MomentFormat format, PrecisionMode mode, double multiplier)
     {
-        (AdamW Optimizer, MixedPrecision Precision, Weights Model) Make()
-        {
-            var model = new Weights(5);
-            var precision = MixedPrecision.Apply(model, mode);
-            var optimizer = new AdamW(AdamW.DecayGroups(precision.OptimizerParameters, 0.1), 3e-3, 0.9, 0.95, 1e-8, precision.GradientOf, format);
-            return (optimizer, precision, model);
-        }
-        var (reference, referencePrecision, referenceModel) = Make();
-        var (offloaded, offloadedPrecision, offloadedModel) = Make();
+        var (reference, referencePrecision, referenceModel) = Make(format, mode);
+        reference.FusedCpuStep = false;
+        var (offloaded, offloadedPrecision, offloadedModel) = Make(format, mode);
         var host = new HostOptimizer(offloaded, offloadedPrecision);
         for (int step = 0; step < 5; step++)
         {
@@ -82,6 +77,59 @@ public sealed class HostOptimizerTests
     }
 
     [Theory]
+    [InlineData(MomentFormat.Float32, PrecisionMode.Fp32, 1.0, false)]
+    [InlineData(MomentFormat.Float32, PrecisionMode.Fp32, 0.37, true)]
+    [InlineData(MomentFormat.Blockwise8Bit, PrecisionMode.Fp32, 0.37, false)]
+    [InlineData(MomentFormat.Float32, PrecisionMode.Bf16, 0.8, false)]
+    [InlineData(MomentFormat.Blockwise8Bit, PrecisionMode.Bf16, 1.0, true)]
+    [InlineData(MomentFormat.Float32, PrecisionMode.Fp16, 0.5, false)]
+    [InlineData(MomentFormat.BFloat16, PrecisionMode.Bf16Pure, 1.0, false)]
+    public void FusedCpuStepIsBitIdenticalToTheLibtorchOps(MomentFormat format, PrecisionMode mode, double multiplier, bool transposedGradient)
+    {
+        // transposedGradient: the vector keeps a contiguous gradient, the matrix gets a non-contiguous one, which the
+        // fused step hands to the libtorch ops; both kinds then live in one step.
+        var (reference, referencePrecision, referenceModel) = Make(format, mode);
+        reference.FusedCpuStep = false;
+        var (fused, fusedPrecision, fusedModel) = Make(format, mode);
+        Assert.True(fused.FusedCpuStep);
+        for (int step = 0; step < 5; step++)
+        {
+            using var scope = NewDisposeScope();
+            foreach (var model in new[] { referenceModel, fusedModel })
+            {
+                using var again = new Generator((ulong)(200 + step));
+                foreach (var p in model.parameters())
+                {
+                    var g = (randn(p.shape, generator: again) * 0.01).to(p.dtype);
+                    p.grad = transposedGradient && p.dim() == 2 ? g.t().contiguous().t() : g;
+                }
+            }
+            reference.LearningRate = fused.LearningRate = 3e-3 * (step + 1) / 5;
+            reference.Step(multiplier);
+            referencePrecision.SyncWeights();
+            fused.Step(multiplier);
+            fusedPrecision.SyncWeights();
+        }
+        AssertSame(Named(referenceModel), Named(fusedModel));
+        if (mode is PrecisionMode.Bf16 or PrecisionMode.Fp16)
+        {
+            AssertSame(referencePrecision.Masters, fusedPrecision.Masters);
+        }
+        AssertSame(reference.StateTensors(), fused.StateTensors());
+        var before = Named(new Weights(5)).First().Item2;
+        var after = Named(fusedModel).First().Item2;
+        Assert.False(after.eq(before.to(after.dtype)).all().item<bool>(), "the steps moved nothing");
+    }
+
+    private static (AdamW Optimizer, MixedPrecision Precision, Weights Model) Make(MomentFormat format, PrecisionMode mode)
+    {
+        var model = new Weights(5);
+        var precision = MixedPrecision.Apply(model, mode);
+        var optimizer = new AdamW(AdamW.DecayGroups(precision.OptimizerParameters, 0.1), 3e-3, 0.9, 0.95, 1e-8, precision.GradientOf, format);
+        return (optimizer, precision, model);
+    }
+
+    [Theory]
     [InlineData(OptimizerKind.AdamW, PrecisionMode.Fp32, false, 1, false)]
     [InlineData(OptimizerKind.AdamW8bit, PrecisionMode.Fp32, false, 1, false)]
     [InlineData(OptimizerKind.AdamW, PrecisionMode.Bf16, false, 1, false)]
@@ -100,7 +148,7 @@ public sealed class HostOptimizerTests
             Steps = 20, MicroBatch = 2, GradientAccumulation = accumulation, LearningRate = 3e-3, Optimizer = optimizer, LogEvery = 20,
             GradClip = 0, WeightDecay = 0.1,
         };
-        var (reference, _) = Train(corpus, options, mode, lora, checkpointing);
+        var (reference, _) = Train(corpus, options, mode, lora, checkpointing, libtorchOps: true);
         var (offloaded, trainer) = Train(corpus, options with { OptimizerOnHost = true }, mode, lora, checkpointing);
         AssertSame(reference, offloaded);
         var stats = trainer.HostOptimizer!.Stats;
@@ -118,7 +166,7 @@ public sealed class HostOptimizerTests
         var random = new Random(4);
         var corpus = TokenCorpus.FromTokens(Enumerable.Range(0, 4000).Select(_ => random.Next(101)).ToArray(), 16);
         var options = new TrainOptions { Steps = 20, MicroBatch = 2, LearningRate = 3e-3, LogEvery = 20, GradClip = mode == PrecisionMode.Fp32 ? 0.5 : 0 };
-        var (reference, _) = Train(corpus, options, mode, lora: false, checkpointing: false);
+        var (reference, _) = Train(corpus, options, mode, lora: false, checkpointing: false, libtorchOps: true);
         var (offloaded, trainer) = Train(corpus, options with { OptimizerOnHost = true }, mode, lora: false, checkpointing: false);
         AssertSame(reference, offloaded);
         Assert.False(trainer.OverlapsOptimizer);
@@ -140,7 +188,8 @@ public sealed class HostOptimizerTests
         Assert.Equal(parameters * 8, trainer.Optimizer.StateBytes);
     }
 
-    private static (List<(string, Tensor)> State, Trainer Trainer) Train(TokenCorpus corpus, TrainOptions options, PrecisionMode mode, bool lora, bool checkpointing)
+    private static (List<(string, Tensor)> State, Trainer Trainer) Train(TokenCorpus corpus, TrainOptions options, PrecisionMode mode, bool lora, bool checkpointing,
+        bool libtorchOps = false)
     {
         var model = new LlamaForCausalLM(TestSupport.TinyConfig());
         model.InitializeWeights(seed: 9, std: 0.05);
@@ -154,6 +203,7 @@ public sealed class HostOptimizerTests
         }
         var mixed = MixedPrecision.Apply(model, mode, options.GradientAccumulation);
         var trainer = new Trainer(model, corpus, options, mixed);
+        trainer.Optimizer.FusedCpuStep = !libtorchOps;
         trainer.Run();
         var state = model.named_parameters().Select(p => (p.name, (Tensor)p.parameter))
             .Concat(mixed.Masters.Select(m => ("master." + m.Name, m.Master)))

@@ -68,16 +68,18 @@ public sealed class TrainerTests
     }
 
     [Theory]
-    [InlineData(5, 4, 1.0)]
-    [InlineData(3, (int)(OptimizerStepLayout.ChunkElements / 2) + 13, 0.5)] // three chunks, the last ragged; clipped
-    public void AdamWMatchesAFloat64Recomputation(int rows, int columns, double multiplier)
+    [InlineData(5, 4, 1.0, true)]
+    [InlineData(5, 4, 1.0, false)]
+    [InlineData(3, (int)(OptimizerStepLayout.ChunkElements / 2) + 13, 0.5, true)] // three chunks, the last ragged; clipped
+    [InlineData(3, (int)(OptimizerStepLayout.ChunkElements / 2) + 13, 0.5, false)]
+    public void AdamWMatchesAFloat64Recomputation(int rows, int columns, double multiplier, bool fused)
     {
         // Three steps on one parameter with fresh random gradients, against the update rule in float64.
         var generator = new TorchSharp.torch.Generator(31);
         using var start = randn([rows, columns], generator: generator);
         var p = start.clone().requires_grad_(true);
         var grads = Enumerable.Range(0, 3).Select(_ => randn([rows, columns], generator: generator)).ToList();
-        using var optimizer = new AdamW([new ParameterGroup([("p", p)], 0.05)], 0.01, 0.9, 0.99, 1e-3);
+        using var optimizer = new AdamW([new ParameterGroup([("p", p)], 0.05)], 0.01, 0.9, 0.99, 1e-3) { FusedCpuStep = fused };
         var reference = start.to(ScalarType.Float64);
         var m = zeros_like(reference);
         var v = zeros_like(reference);
@@ -97,8 +99,10 @@ public sealed class TrainerTests
         Assert.Equal(2L * rows * columns * 4, optimizer.StateBytes);
     }
 
-    [Fact]
-    public void EightBitAdamWStepsALargeTensorChunkByChunkAsIfEachChunkWereItsOwnTensor()
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void EightBitAdamWStepsALargeTensorChunkByChunkAsIfEachChunkWereItsOwnTensor(bool fused)
     {
         // The step cuts tensors into chunks on 8-bit block edges, so a tensor of 2.5 chunks must move exactly as its
         // three pieces do when each is a parameter of its own with its own quantized moments.
@@ -108,8 +112,11 @@ public sealed class TrainerTests
         var grads = Enumerable.Range(0, 3).Select(_ => randn([n], generator: generator) * 1e-2).ToList();
         var whole = start.clone().requires_grad_(true);
         var pieces = Enumerable.Range(0, 3).Select(i => start.narrow(0, i * chunk, Math.Min(chunk, n - i * chunk)).clone().requires_grad_(true)).ToArray();
-        using var one = new AdamW([new ParameterGroup([("w", whole)], 0.1)], 1e-3, format: MomentFormat.Blockwise8Bit);
-        using var three = new AdamW([new ParameterGroup(pieces.Select((q, i) => ($"w{i}", q)).ToList(), 0.1)], 1e-3, format: MomentFormat.Blockwise8Bit);
+        using var one = new AdamW([new ParameterGroup([("w", whole)], 0.1)], 1e-3, format: MomentFormat.Blockwise8Bit) { FusedCpuStep = fused };
+        using var three = new AdamW([new ParameterGroup(pieces.Select((q, i) => ($"w{i}", q)).ToList(), 0.1)], 1e-3, format: MomentFormat.Blockwise8Bit)
+        {
+            FusedCpuStep = fused,
+        };
         foreach (var g in grads)
         {
             whole.grad = g.clone();
