@@ -132,6 +132,7 @@ public sealed class AdamW : IDisposable
         using var noGrad = no_grad();
         var fused = new List<HostStepTensor>();
         var fusedGradients = new List<Tensor>();
+        long opsValues = 0;
         foreach (var group in groups)
         {
             foreach (var (_, parameter) in group.Parameters)
@@ -151,6 +152,7 @@ public sealed class AdamW : IDisposable
                 using var flatParameter = parameter.view(-1);
                 using var flatGrad = grad.reshape(-1);
                 long count = flatParameter.shape[0];
+                opsValues += count;
                 // Chunk by chunk (OptimizerStepLayout): every temporary below is one chunk's, whatever the tensor's size.
                 for (long start = 0; start < count; start += OptimizerStepLayout.ChunkElements)
                 {
@@ -182,6 +184,7 @@ public sealed class AdamW : IDisposable
                 }
             }
         }
+        LastStepValues = (fused.Sum(t => t.Count), opsValues);
         if (fused.Count > 0)
         {
             HostAdamWKernel.StepAll(new HostStepScalars(this, correction2Sqrt, stepSize, gradientMultiplier), fused, get_num_threads());
@@ -195,9 +198,13 @@ public sealed class AdamW : IDisposable
     /// fp32 parameter (or master), a contiguous fp32, bf16 or fp16 gradient and fp32 or 8-bit moments, on the CPU
     /// (<see cref="OptimizerStepLayout.Fused"/> is the estimator's copy of this rule). Everything else, and every tensor
     /// when this is false, goes through libtorch ops chunk by chunk. On the bundled model's bf16 step (17.3M
-    /// parameters, 2 threads) the ops took 103-139 ms, the kernel 12-25 ms.
+    /// parameters, 2 threads) the ops took 103-139 ms, the kernel 12-25 ms. <c>FRUGAL_ADAMW_LIBTORCH=1</c> makes false the
+    /// default, to time the two against each other from the command line.
     /// </summary>
-    public bool FusedCpuStep { get; set; } = true;
+    public bool FusedCpuStep { get; set; } = Environment.GetEnvironmentVariable("FRUGAL_ADAMW_LIBTORCH") != "1";
+
+    /// <summary>Values the last <see cref="Step"/> updated with the C# kernel, and with libtorch's ops.</summary>
+    public (long Kernel, long LibtorchOps) LastStepValues { get; private set; }
 
     private static bool Fusable(Tensor parameter, Tensor grad, Moments moments) =>
         parameter.device_type == DeviceType.CPU && parameter.dtype == ScalarType.Float32 && parameter.is_contiguous()

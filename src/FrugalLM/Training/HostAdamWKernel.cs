@@ -335,7 +335,7 @@ internal static unsafe class HostAdamWKernel
     // MKL_Set_Num_Threads_Local(n), what mkl.h's mkl_set_num_threads_local names (the lowercase export is the Fortran
     // entry, which takes a pointer): oneMKL's thread count for the calling thread only; returns the previous one (0: the
     // global setting). vmsSqrt runs its own OpenMP team otherwise: called from two step threads on two cores, the teams
-    // oversubscribed them and the bf16 step of the bundled model took 66-133 ms instead of 20-37.
+    // oversubscribed them and the bf16 step of the bundled model took 66-133 ms instead of 12-25.
     private static readonly delegate* unmanaged<int, int> SetLocalMklThreads = FindExport<int, int>("MKL_Set_Num_Threads_Local");
 
     private static delegate* unmanaged<int, float*, float*, long, void> FindVmsSqrt()

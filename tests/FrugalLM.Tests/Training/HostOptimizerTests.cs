@@ -109,6 +109,10 @@ public sealed class HostOptimizerTests
             referencePrecision.SyncWeights();
             fused.Step(multiplier);
             fusedPrecision.SyncWeights();
+            const long matrix = 301 * 157, vector = 1003;
+            Assert.Equal((0L, matrix + vector), reference.LastStepValues);
+            Assert.Equal(mode == PrecisionMode.Bf16Pure ? (0L, matrix + vector) : transposedGradient ? (vector, matrix) : (matrix + vector, 0L),
+                fused.LastStepValues);
         }
         AssertSame(Named(referenceModel), Named(fusedModel));
         if (mode is PrecisionMode.Bf16 or PrecisionMode.Fp16)
