@@ -305,7 +305,8 @@ internal static class TrainCommand
             if (trainer.OptimizerStepTime is { } inMemory && result.Steps > 0)
             {
                 var (kernel, ops) = trainer.Optimizer.LastStepValues;
-                string how = ops == 0 ? "C# kernel" : kernel == 0 ? "libtorch ops" : $"C# kernel for {kernel:N0} of {kernel + ops:N0} values";
+                string how = ops == 0 ? "C# kernel" : kernel == 0 ? "libtorch ops"
+                    : string.Create(CultureInfo.InvariantCulture, $"C# kernel for {kernel:N0} of {kernel + ops:N0} values");
                 CliRunner.Status(string.Create(CultureInfo.InvariantCulture,
                     $"optimizer step ({how}, in memory): {1000 * inMemory.TotalSeconds / Math.Max(1, trainer.OptimizerSteps):F1} ms per step over {trainer.OptimizerSteps} steps"));
             }
