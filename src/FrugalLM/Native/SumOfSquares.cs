@@ -15,6 +15,22 @@ public static unsafe class SumOfSquares
     private const long ChunkValues = 1 << 18;
 
     /// <summary>
+    /// The sum of squares of a gradient's values, for a gradient norm: <see cref="TryCompute"/> on libtorch's threads where
+    /// it can read the memory, else libtorch's fp32 norm, squared (no float64 copy of the tensor, which for an
+    /// embedding's gradient would be hundreds of MiB). Infinite or NaN when a value is.
+    /// </summary>
+    public static double Of(torch.Tensor gradient)
+    {
+        if (TryCompute(gradient, torch.get_num_threads(), out double sum))
+        {
+            return sum;
+        }
+        using var scope = torch.NewDisposeScope();
+        double norm = gradient.to(torch.ScalarType.Float32).norm().item<float>();
+        return norm * norm;
+    }
+
+    /// <summary>
     /// The sum of squares of <paramref name="tensor"/>'s values when it is a contiguous CPU tensor of fp32, bf16 or fp16;
     /// false otherwise (the caller falls back to libtorch). Chunks run on up to <paramref name="threads"/> threads and
     /// are added in order, so the result does not depend on the scheduling.

@@ -197,8 +197,8 @@ public sealed class MixedPrecision : IDisposable
     public double Unscale => Scaler is null ? 1.0 : 1.0 / Scaler.Scale;
 
     /// <summary>
-    /// L2 norm of all (unscaled) gradients: sums of squares in double over CPU gradients' memory
-    /// (<see cref="SumOfSquares"/>), fp32 norms through libtorch elsewhere; infinite or NaN when any gradient overflowed.
+    /// L2 norm of all (unscaled) gradients, from each gradient's sum of squares (<see cref="SumOfSquares.Of"/>: in double
+    /// over CPU gradients' memory); infinite or NaN when any gradient overflowed.
     /// </summary>
     public double GradientNorm()
     {
@@ -207,14 +207,7 @@ public sealed class MixedPrecision : IDisposable
         {
             if (GradientOf(p) is Tensor g)
             {
-                if (SumOfSquares.TryCompute(g, get_num_threads(), out double squares))
-                {
-                    sum += squares * Unscale * Unscale;
-                    continue;
-                }
-                using var scope = NewDisposeScope();
-                double n = g.to(ScalarType.Float32).norm().item<float>() * Unscale;
-                sum += n * n;
+                sum += SumOfSquares.Of(g) * Unscale * Unscale;
             }
         }
         return Math.Sqrt(sum);

@@ -202,21 +202,13 @@ public sealed class ShardedModel : IDisposable
     public double GradientNorm(double scale = 1.0)
     {
         using var scope = NewDisposeScope();
-        // Each shard's sum of squares in double over its memory (MixedPrecision.GradientNorm's way, so a rank and the
-        // plain trainer round alike); elsewhere its norm in fp32 (no float64 copy of a shard, which for the embedding's
-        // would be hundreds of MiB), squared and summed in float64.
+        // Each shard's sum of squares as MixedPrecision.GradientNorm takes it, so a rank and the plain trainer round alike.
         double sum = 0;
         foreach (var flat in AllFlats)
         {
             if (flat.Shard.grad is Tensor g)
             {
-                if (SumOfSquares.TryCompute(g, get_num_threads(), out double shardSquares))
-                {
-                    sum += shardSquares;
-                    continue;
-                }
-                double n = g.norm().item<float>();
-                sum += n * n;
+                sum += SumOfSquares.Of(g);
             }
         }
         // The rank's sum travels as two floats (hi + lo keep ~48 bits of the double); every rank gathers all of them and

@@ -38,6 +38,19 @@ public sealed class SumOfSquaresTests
     }
 
     [Fact]
+    public void OfFallsBackToLibtorchsNormWhereItCannotRead()
+    {
+        using var matrix = (randn(300, 401) * 2).to(ScalarType.BFloat16);
+        using var transposed = matrix.t();
+        using var wide = matrix.to(ScalarType.Float64);
+        double expected = wide.square().sum().item<double>();
+        // Read in place: double sums, ~1e-12. Through libtorch's fp32 norm, squared: fp32 accumulation over 120,300
+        // values, doubled by the square (measured 5.7e-6 relative): bounded at 5e-5.
+        Assert.Equal(1.0, SumOfSquares.Of(matrix) / expected, 10);
+        Assert.Equal(1.0, SumOfSquares.Of(transposed) / expected, 4);
+    }
+
+    [Fact]
     public void LeavesWhatItCannotReadToLibtorch()
     {
         using var matrix = randn(30, 40);
