@@ -168,9 +168,10 @@ public static class OptimizerStepLayout
 
     /// <summary>
     /// Whether the runtime's AdamW updates in place with its fused kernel, so the step has no temporaries: on the CPU, with
-    /// fp32 values (parameters or masters) and fp32 or 8-bit moments (the runtime's <c>AdamW.FusedCpuStep</c> rule).
+    /// fp32 values (parameters or masters) and fp32 or 8-bit moments, or bf16 values with bf16 moments (bf16-pure): the
+    /// runtime's <c>AdamW.FusedCpuStep</c> rule.
     /// </summary>
-    public static bool Fused(bool cpu, bool moments16Bit, bool parameter16Bit) => cpu && !moments16Bit && !parameter16Bit;
+    public static bool Fused(bool cpu, bool moments16Bit, bool parameter16Bit) => cpu && moments16Bit == parameter16Bit;
 
     /// <summary>
     /// Peak bytes of fp32 temporaries per value of a chunk the runtime's AdamW holds at once: the scaled gradient

@@ -62,15 +62,17 @@ public sealed class MemoryEstimatorTests
     [Fact]
     public void TheFusedCpuStepHasNoTemporaries()
     {
-        // On the CPU, AdamW updates fp32 values with fp32 or 8-bit moments in place (AdamW.FusedCpuStep); bf16-pure
-        // (bf16 parameters and moments) still goes through libtorch's ops chunk by chunk, as every plan on a GPU does.
+        // On the CPU, AdamW updates in place (AdamW.FusedCpuStep): fp32 values with fp32 or 8-bit moments, and bf16-pure's
+        // bf16 values with bf16 moments. Every plan on a GPU goes through libtorch's ops chunk by chunk.
         var cpu = Tiny.Plan() with { Device = ComputeDevice.Cpu, Overhead = FrameworkOverhead.Cpu };
         Assert.Equal(0, MemoryEstimator.Estimate(cpu).Bytes("optimizer_step"));
         Assert.Equal(0, MemoryEstimator.Estimate(cpu with { Precision = Precision.Bf16 }).Bytes("optimizer_step"));
         Assert.Equal(0, MemoryEstimator.Estimate(cpu with { Optimizer = OptimizerKind.AdamW8bit }).Bytes("optimizer_step"));
-        Assert.Equal(38_400, MemoryEstimator.Estimate(cpu with { Precision = Precision.Bf16Pure }).Bytes("optimizer_step"));
+        Assert.Equal(0, MemoryEstimator.Estimate(cpu with { Precision = Precision.Bf16Pure }).Bytes("optimizer_step"));
         Assert.Equal(12_800, MemoryEstimator.Estimate(Tiny.Plan()).Bytes("optimizer_step"));
+        Assert.Equal(38_400, MemoryEstimator.Estimate(Tiny.Plan() with { Precision = Precision.Bf16Pure }).Bytes("optimizer_step"));
         Assert.False(OptimizerStepLayout.Fused(cpu: false, moments16Bit: false, parameter16Bit: false));
+        Assert.False(OptimizerStepLayout.Fused(cpu: true, moments16Bit: false, parameter16Bit: true));
     }
 
     [Fact]

@@ -194,9 +194,10 @@ public sealed class AdamW : IDisposable
 
     /// <summary>
     /// Whether CPU tensors are updated by <see cref="HostAdamWKernel"/> (the default): one pass over each tensor's memory,
-    /// chunks in parallel, no temporaries, the same bits as the libtorch ops below (its tests compare the two). It takes an
-    /// fp32 parameter (or master), a contiguous fp32, bf16 or fp16 gradient and fp32 or 8-bit moments, on the CPU
-    /// (<see cref="OptimizerStepLayout.Fused"/> is the estimator's copy of this rule). Everything else, and every tensor
+    /// chunks in parallel, no temporaries, the same bits as the libtorch ops below (its tests compare the two). It takes a
+    /// contiguous fp32, bf16 or fp16 gradient and an fp32 parameter (or master) with fp32 or 8-bit moments, or a bf16
+    /// parameter with bf16 moments (bf16-pure), on the CPU (<see cref="OptimizerStepLayout.Fused"/> is the estimator's copy
+    /// of this rule). Everything else, and every tensor
     /// when this is false, goes through libtorch ops chunk by chunk. On the bundled model's bf16 step (17.3M
     /// parameters, 2 threads) the ops took 103-139 ms, the kernel 12-25 ms. <c>FRUGAL_ADAMW_LIBTORCH=1</c> makes false the
     /// default, to time the two against each other from the command line.
@@ -206,10 +207,11 @@ public sealed class AdamW : IDisposable
     /// <summary>Values the last <see cref="Step"/> updated with the C# kernel, and with libtorch's ops.</summary>
     public (long Kernel, long LibtorchOps) LastStepValues { get; private set; }
 
+    // fp32 values with fp32 or 8-bit moments, or (bf16-pure) bf16 values with bf16 moments.
     private static bool Fusable(Tensor parameter, Tensor grad, Moments moments) =>
-        parameter.device_type == DeviceType.CPU && parameter.dtype == ScalarType.Float32 && parameter.is_contiguous()
+        parameter.device_type == DeviceType.CPU && parameter.is_contiguous()
         && grad.device_type == DeviceType.CPU && HostAdamWKernel.DtypeOf(grad.dtype) != HostDtype.None && grad.is_contiguous()
-        && grad.numel() == parameter.numel() && moments.Fusable;
+        && grad.numel() == parameter.numel() && moments.FusableWith(parameter.dtype);
 
     private static unsafe HostStepTensor FusedTensor(Tensor parameter, Tensor grad, double weightDecay, Moments moments)
     {
@@ -382,9 +384,16 @@ public sealed class AdamW : IDisposable
 
         public (Tensor, Tensor, Tensor?, Tensor?) Raw => (expAvg, expAvgSq, avgScale, avgSqScale);
 
-        /// <summary>Whether <see cref="HostAdamWKernel"/> reads these moments: 8-bit codes, or dense fp32 on the CPU.</summary>
-        public bool Fusable => expAvg.device_type == DeviceType.CPU
-            && (signed is not null || (expAvg.dtype == ScalarType.Float32 && expAvg.is_contiguous() && expAvgSq.is_contiguous()));
+        /// <summary>Whether <see cref="HostAdamWKernel"/> steps a parameter of <paramref name="parameterType"/> with these
+        /// moments: fp32 values with 8-bit codes or dense fp32 moments, bf16 values with dense bf16 moments; on the CPU.</summary>
+        public bool FusableWith(ScalarType parameterType) => expAvg.device_type == DeviceType.CPU && parameterType switch
+        {
+            ScalarType.Float32 => signed is not null || (expAvg.dtype == ScalarType.Float32 && Contiguous),
+            ScalarType.BFloat16 => signed is null && expAvg.dtype == ScalarType.BFloat16 && Contiguous,
+            _ => false,
+        };
+
+        private bool Contiguous => expAvg.is_contiguous() && expAvgSq.is_contiguous();
 
         public IEnumerable<Tensor> Tensors() => new[] { expAvg, expAvgSq, avgScale, avgSqScale }.OfType<Tensor>();
 

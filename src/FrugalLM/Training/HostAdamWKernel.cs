@@ -70,6 +70,13 @@ internal unsafe struct HostStepTensor
     public byte* AvgSqCodes;
     public float* AvgSqScales;
 
+    /// <summary>
+    /// bf16-pure: the parameter and the moments are bf16 (<see cref="Parameter"/>, <see cref="ExpAvg"/> and
+    /// <see cref="ExpAvgSq"/> then point at 16-bit words). Each piece is widened, updated in fp32 and rounded back, as
+    /// AdamW's libtorch ops do with their fp32 working copies.
+    /// </summary>
+    public bool BFloat16Values;
+
     /// <summary>The 16-bit compute weight that receives the rounded master, or null.</summary>
     public void* Copy;
     public HostDtype CopyDtype;
@@ -88,6 +95,7 @@ internal unsafe struct HostStepTensor
             Parameter = (float*)TensorMemory.Pointer(target),
             Count = target.numel(),
             WeightDecay = weightDecay,
+            BFloat16Values = target.dtype == TorchSharp.torch.ScalarType.BFloat16,
         };
         if (moments.AvgScale is null)
         {
@@ -134,18 +142,35 @@ internal static unsafe class HostAdamWKernel
         float* m = stackalloc float[Piece];
         float* v = stackalloc float[Piece];
         float* g16 = stackalloc float[Piece];
+        float* p32 = stackalloc float[Piece];
         float decay = (float)(1 - s.LearningRate * t.WeightDecay);
         double squares = 0;
         for (long offset = start; offset < start + length; offset += Piece)
         {
             int n = (int)Math.Min(Piece, start + length - offset);
-            float* avg = t.EightBit ? m : t.ExpAvg + offset;
-            float* avgSq = t.EightBit ? v : t.ExpAvgSq + offset;
+            bool widened = t.EightBit || t.BFloat16Values;
+            float* avg = widened ? m : t.ExpAvg + offset;
+            float* avgSq = widened ? v : t.ExpAvgSq + offset;
+            float* parameter = t.Parameter + offset;
+            bool decays = t.WeightDecay != 0;
             if (t.EightBit)
             {
                 long block = offset / Piece;
                 Decode(t.AvgCodes + offset, t.AvgScales[block], SignedCodes, m, n);
                 Decode(t.AvgSqCodes + offset, t.AvgSqScales[block], UnsignedCodes, v, n);
+            }
+            else if (t.BFloat16Values)
+            {
+                Widen((ushort*)t.ExpAvg + offset, m, n);
+                Widen((ushort*)t.ExpAvgSq + offset, v, n);
+                // libtorch decays the bf16 parameter in place (rounded to bf16), then widens it for the update.
+                parameter = p32;
+                Widen((ushort*)t.Parameter + offset, p32, n);
+                if (decays)
+                {
+                    Decay(p32, n, decay);
+                    decays = false;
+                }
             }
             void* gradient = t.GradientDtype == HostDtype.BFloat16 ? (ushort*)t.Gradient + offset : (float*)t.Gradient + offset;
             bool bf16 = t.GradientDtype == HostDtype.BFloat16;
@@ -158,8 +183,14 @@ internal static unsafe class HostAdamWKernel
                 }
                 gradient = g16;
             }
-            squares += Update(s, t.Parameter + offset, gradient, bf16, t.Accumulated is null ? null : t.Accumulated + offset,
-                avg, avgSq, n, t.WeightDecay != 0, decay);
+            squares += Update(s, parameter, gradient, bf16, t.Accumulated is null ? null : t.Accumulated + offset,
+                avg, avgSq, n, decays, decay);
+            if (t.BFloat16Values)
+            {
+                ToBFloat16(p32, (ushort*)t.Parameter + offset, n);
+                ToBFloat16(m, (ushort*)t.ExpAvg + offset, n);
+                ToBFloat16(v, (ushort*)t.ExpAvgSq + offset, n);
+            }
             if (t.EightBit)
             {
                 long block = offset / Piece;
@@ -438,6 +469,33 @@ internal static unsafe class HostAdamWKernel
             table[prefix] = (byte)count;
         }
         return table;
+    }
+
+    // bf16 to fp32 is exact: the bf16 bits are the top half of the fp32.
+    private static void Widen(ushort* source, float* target, int n)
+    {
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            for (; i <= n - 8; i += 8)
+            {
+                var raw = Vector128.Load(source + i);
+                (Vector256.Create(Vector128.WidenLower(raw), Vector128.WidenUpper(raw)) << 16).AsSingle().Store(target + i);
+            }
+        }
+        for (; i < n; i++)
+        {
+            target[i] = BitConverter.Int32BitsToSingle(source[i] << 16);
+        }
+    }
+
+    // A bf16 tensor's mul_ by a Scalar: each value times the fp32 factor, rounded to bf16 (and widened again here).
+    private static void Decay(float* values, int n, float factor)
+    {
+        for (int i = 0; i < n; i++)
+        {
+            values[i] = BitConverter.Int32BitsToSingle(BFloat16Bits(values[i] * factor) << 16);
+        }
     }
 
     private static void ToBFloat16(float* source, ushort* target, int n)

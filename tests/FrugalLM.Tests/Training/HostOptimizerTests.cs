@@ -84,6 +84,7 @@ public sealed class HostOptimizerTests
     [InlineData(MomentFormat.Blockwise8Bit, PrecisionMode.Bf16, 1.0, true)]
     [InlineData(MomentFormat.Float32, PrecisionMode.Fp16, 0.5, false)]
     [InlineData(MomentFormat.BFloat16, PrecisionMode.Bf16Pure, 1.0, false)]
+    [InlineData(MomentFormat.BFloat16, PrecisionMode.Bf16Pure, 0.37, true)]
     public void FusedCpuStepIsBitIdenticalToTheLibtorchOps(MomentFormat format, PrecisionMode mode, double multiplier, bool transposedGradient)
     {
         // transposedGradient: the vector keeps a contiguous gradient, the matrix gets a non-contiguous one, which the
@@ -111,8 +112,7 @@ public sealed class HostOptimizerTests
             fusedPrecision.SyncWeights();
             const long matrix = 301 * 157, vector = 1003;
             Assert.Equal((0L, matrix + vector), reference.LastStepValues);
-            Assert.Equal(mode == PrecisionMode.Bf16Pure ? (0L, matrix + vector) : transposedGradient ? (vector, matrix) : (matrix + vector, 0L),
-                fused.LastStepValues);
+            Assert.Equal(transposedGradient ? (vector, matrix) : (matrix + vector, 0L), fused.LastStepValues);
         }
         AssertSame(Named(referenceModel), Named(fusedModel));
         if (mode is PrecisionMode.Bf16 or PrecisionMode.Fp16)
