@@ -1,5 +1,7 @@
+using FrugalLM.Lora;
 using FrugalLM.Models.Llama;
 using FrugalLM.Planning;
+using FrugalLM.Precision;
 using FrugalLM.Training;
 using static TorchSharp.torch;
 
@@ -65,6 +67,32 @@ public sealed class TrainerTests
         Assert.Equal(1.0, schedule.At(10), 12);
         Assert.Equal(0.55, schedule.At(60), 12);
         Assert.Equal(0.1, schedule.At(110), 12);
+    }
+
+    [Fact]
+    public void DropoutMasksRepeatRunToRun()
+    {
+        // LoRA dropout draws from the process-wide generator; the trainer seeds it per step, so moving it between two
+        // runs (as anything else in the process may) changes nothing. Without the seeding the losses differ.
+        var random = new Random(3);
+        var corpus = TokenCorpus.FromTokens(Enumerable.Range(0, 2000).Select(_ => random.Next(101)).ToArray(), 16);
+        var options = new TrainOptions { Steps = 3, MicroBatch = 2, LearningRate = 3e-3, LogEvery = 1 };
+        List<double> Losses()
+        {
+            using var model = new LlamaForCausalLM(TestSupport.TinyConfig());
+            model.InitializeWeights(seed: 9, std: 0.05);
+            LoraModel.Apply(model, new LoraConfig { Rank = 4, Alpha = 8, Dropout = 0.3, Targets = LoraTargets.AllLinear }, seed: 7);
+            using var mixed = MixedPrecision.Apply(model, Planning.Precision.Fp32);
+            var losses = new List<double>();
+            new Trainer(model, corpus, options, mixed).Run(p => losses.Add(p.Loss));
+            return losses;
+        }
+        var first = Losses();
+        using (rand(1000))
+        {
+        }
+        Assert.Equal(3, first.Count);
+        Assert.Equal(first, Losses());
     }
 
     [Theory]
