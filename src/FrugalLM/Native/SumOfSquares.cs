@@ -1,4 +1,5 @@
 using System.Runtime.Intrinsics;
+using FrugalLM.Quantization;
 using TorchSharp;
 
 namespace FrugalLM.Native;
@@ -58,8 +59,8 @@ public static unsafe class SumOfSquares
             int n = (int)Math.Min(ChunkValues, count - start);
             sums[c] = dtype switch
             {
-                torch.ScalarType.Float32 => Fp32((float*)data + start, n),
-                torch.ScalarType.BFloat16 => Bf16((ushort*)data + start, n),
+                torch.ScalarType.Float32 => Sum<Float32Row>((float*)data + start, n),
+                torch.ScalarType.BFloat16 => Sum<BFloat16Row>((ushort*)data + start, n),
                 _ => Fp16((Half*)data + start, n),
             };
         }
@@ -81,7 +82,9 @@ public static unsafe class SumOfSquares
         return true;
     }
 
-    private static double Fp32(float* x, int n)
+    // fp32 or bf16 values, widened by the int8 kernels' row loaders (bf16's widening is an exact shift).
+    private static double Sum<TRow>(void* x, int n)
+        where TRow : IFloatRow
     {
         var low = Vector256<double>.Zero;
         var high = Vector256<double>.Zero;
@@ -90,36 +93,13 @@ public static unsafe class SumOfSquares
         {
             for (; i <= n - 8; i += 8)
             {
-                (low, high) = Add(Vector256.Load(x + i), low, high);
+                (low, high) = Add(TRow.Load(x, i), low, high);
             }
         }
         double total = Vector256.Sum(low) + Vector256.Sum(high);
         for (; i < n; i++)
         {
-            total += (double)x[i] * x[i];
-        }
-        return total;
-    }
-
-    private static double Bf16(ushort* x, int n)
-    {
-        var low = Vector256<double>.Zero;
-        var high = Vector256<double>.Zero;
-        int i = 0;
-        if (Vector256.IsHardwareAccelerated)
-        {
-            for (; i <= n - 8; i += 8)
-            {
-                var raw = Vector128.Load(x + i);
-                // bf16 is the top half of an fp32: widening is exact.
-                var values = (Vector256.Create(Vector128.WidenLower(raw), Vector128.WidenUpper(raw)) << 16).AsSingle();
-                (low, high) = Add(values, low, high);
-            }
-        }
-        double total = Vector256.Sum(low) + Vector256.Sum(high);
-        for (; i < n; i++)
-        {
-            double v = BitConverter.Int32BitsToSingle(x[i] << 16);
+            double v = TRow.LoadScalar(x, i);
             total += v * v;
         }
         return total;

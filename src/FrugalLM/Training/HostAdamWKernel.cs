@@ -3,6 +3,7 @@ using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using FrugalLM.Native;
 using FrugalLM.Planning;
+using FrugalLM.Quantization;
 
 namespace FrugalLM.Training;
 
@@ -280,16 +281,7 @@ internal static unsafe class HostAdamWKernel
             var vBeta2c = Vector256.Create(s.Beta2Complement);
             for (; i <= n - 8; i += 8)
             {
-                Vector256<float> gv;
-                if (bf16)
-                {
-                    var raw = Vector128.Load((ushort*)g + i);
-                    gv = (Vector256.Create(Vector128.WidenLower(raw), Vector128.WidenUpper(raw)) << 16).AsSingle();
-                }
-                else
-                {
-                    gv = Vector256.Load((float*)g + i);
-                }
+                var gv = bf16 ? BFloat16Row.Load(g, i) : Float32Row.Load(g, i);
                 if (acc is not null)
                 {
                     gv = Vector256.Load(acc + i) + gv;
@@ -308,7 +300,7 @@ internal static unsafe class HostAdamWKernel
         double total = Vector256.Sum(Vector256.WidenLower(squares)) + Vector256.Sum(Vector256.WidenUpper(squares));
         for (; i < n; i++)
         {
-            float gi = bf16 ? BitConverter.Int32BitsToSingle(((ushort*)g)[i] << 16) : ((float*)g)[i];
+            float gi = bf16 ? BFloat16Row.LoadScalar(g, i) : Float32Row.LoadScalar(g, i);
             if (acc is not null)
             {
                 gi = acc[i] + gi;
@@ -479,13 +471,12 @@ internal static unsafe class HostAdamWKernel
         {
             for (; i <= n - 8; i += 8)
             {
-                var raw = Vector128.Load(source + i);
-                (Vector256.Create(Vector128.WidenLower(raw), Vector128.WidenUpper(raw)) << 16).AsSingle().Store(target + i);
+                BFloat16Row.Load(source, i).Store(target + i);
             }
         }
         for (; i < n; i++)
         {
-            target[i] = BitConverter.Int32BitsToSingle(source[i] << 16);
+            target[i] = BFloat16Row.LoadScalar(source, i);
         }
     }
 
